@@ -1,0 +1,36 @@
+# The README's two commands: `make serve` and `make test`. Each bootstraps .venv by itself (idempotent).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test bench venv clean
+
+venv: $(STAMP)
+
+# Re-runs only when pyproject.toml changes (the stamp is newer otherwise).
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then extra=gpu; else extra=cpu; fi; \
+	echo "installing .[$$extra,dev] into $(VENV)"; \
+	$(PY) -m pip install --quiet --upgrade pip && \
+	$(PY) -m pip install --quiet -e ".[$$extra,dev]" && \
+	if [ "$$extra" = cpu ]; then \
+	  : "PyPI's torchvision/torchaudio/torchcodec are built against CUDA torch and fail to load beside"; \
+	  : "torch 2.13.0+cpu ('operator torchvision::nms does not exist'); transformers/vLLM work without them."; \
+	  $(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec; \
+	fi
+	@touch $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/mgm serve
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) -m kernels.bench --out BENCHMARKS.md
+
+clean:
+	rm -rf $(VENV) .cache
