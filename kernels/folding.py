@@ -113,6 +113,7 @@ class WindowSet:
     col: torch.Tensor
 
 
+@functools.lru_cache(maxsize=32)
 def window_sets(spec: MiningSpec, device: torch.device) -> list[WindowSet]:
     B, V, G, g = spec.batch, spec.views, spec.grid, spec.image_grid
     first_crop = 1 if spec.image_global else 0

@@ -11,6 +11,8 @@ On the CPU this runs only under TRITON_INTERPRET=1 (how CI tests it).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -139,9 +141,41 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
 
+@functools.lru_cache(maxsize=32)
+def _device_tables(spec: MiningSpec, global_view: bool, device: torch.device) -> list[tuple]:
+    """Per stage: footprint weights (float32), starts (int32) on the device, and the kernel's constexprs."""
+    M = spec.window
+    return [(fp.weights.to(device=device, dtype=torch.float32).contiguous(), fp.start.to(device=device, dtype=torch.int32),
+             (fp.size, _pow2(M * M if fp.identity else fp.size**2), fp.identity))
+            for fp in footprints(spec, global_view)]
+
+
+@functools.lru_cache(maxsize=32)
+def _device_windows(spec: MiningSpec, device: torch.device) -> list[tuple[bool, list[torch.Tensor]]]:
+    return [(ws.global_view, [t.to(torch.int32).contiguous() for t in (ws.token, ws.batch, ws.row, ws.col)])
+            for ws in window_sets(spec, device)]
+
+
+def launch_kernels(spec: MiningSpec, hr_stages: list[torch.Tensor], u: torch.Tensor, usum: torch.Tensor,
+                   agg: torch.Tensor, shift: torch.Tensor, *, block_c: int = BLOCK_C, num_warps: int = 4) -> None:
+    """Fill agg (T, C_aux) and shift (T,) for every window: one launch per view kind (crops, global)."""
+    dev = u.device
+    prec = "ieee" if spec.dtype == torch.float32 else "tf32"
+    M = spec.window
+    for global_view, idx in _device_windows(spec, dev):
+        stage_args, const_args = [], []
+        for st, (fw, fs, consts) in zip(hr_stages, _device_tables(spec, global_view, dev)):
+            stage_args += [st, st.stride(0), st.stride(1), st.stride(2), st.stride(3), st.shape[1], st.shape[2], fw, fs]
+            const_args += list(consts)
+        _mine_kernel[(idx[0].shape[0],)](
+            u, usum, agg, shift, *idx, spec.aux_channels, *stage_args, *const_args,
+            M=M, MMP=_pow2(M * M), BC=block_c, PREC=prec, EPS=LN_EPS, num_warps=num_warps,
+        )
+
+
 def mine_triton(lr_feats: torch.Tensor, hr_stages: list[torch.Tensor], weights: dict[str, torch.Tensor],
-                spec: MiningSpec, *, out_agg: torch.Tensor | None = None,
-                out_shift: torch.Tensor | None = None) -> torch.Tensor:
+                spec: MiningSpec, *, out_agg: torch.Tensor | None = None, out_shift: torch.Tensor | None = None,
+                block_c: int = BLOCK_C, num_warps: int = 4) -> torch.Tensor:
     """out_agg/out_shift: optional preallocated (T, C_aux) / (T,) float32 buffers (tests poison them)."""
     if spec.dtype == torch.float64:
         raise ValueError("lr_feats: dtype float64 is not supported by impl='triton' (use 'torch' or 'reference')")
@@ -151,19 +185,6 @@ def mine_triton(lr_feats: torch.Tensor, hr_stages: list[torch.Tensor], weights: 
     T = x.shape[0]
     agg = out_agg if out_agg is not None else torch.empty(T, spec.aux_channels, dtype=torch.float32, device=dev)
     shift = out_shift if out_shift is not None else torch.empty(T, dtype=torch.float32, device=dev)
-    prec = "ieee" if spec.dtype == torch.float32 else "tf32"
-    M = spec.window
-    for ws in window_sets(spec, dev):
-        stage_args, const_args = [], []
-        for st, fp in zip(hr_stages, footprints(spec, ws.global_view)):
-            fw = fp.weights.to(device=dev, dtype=torch.float32).contiguous()
-            fs = fp.start.to(device=dev, dtype=torch.int32)
-            stage_args += [st, st.stride(0), st.stride(1), st.stride(2), st.stride(3), st.shape[1], st.shape[2], fw, fs]
-            const_args += [fp.size, _pow2(M * M if fp.identity else fp.size**2), fp.identity]
-        idx = [t.to(torch.int32).contiguous() for t in (ws.token, ws.batch, ws.row, ws.col)]
-        _mine_kernel[(idx[0].shape[0],)](
-            u, usum, agg, shift, *idx, spec.aux_channels, *stage_args, *const_args,
-            M=M, MMP=_pow2(M * M), BC=BLOCK_C, PREC=prec, EPS=LN_EPS, num_warps=4,
-        )
+    launch_kernels(spec, hr_stages, u, usum, agg, shift, block_c=block_c, num_warps=num_warps)
     out = x + project_values(agg, shift, weights)
     return out.to(spec.dtype).reshape(spec.batch, spec.views * spec.tokens, spec.channels)
