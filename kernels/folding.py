@@ -43,22 +43,26 @@ def _w(weights: dict[str, torch.Tensor], proj: str, idx: int, kind: str, dtype: 
     return weights[weight_name(proj, idx, kind)].to(dtype)
 
 
-def fold_queries(x: torch.Tensor, weights: dict[str, torch.Tensor], spec: MiningSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_queries(x: torch.Tensor, weights: dict[str, torch.Tensor], spec: MiningSpec,
+                 gemm_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x: (T, C) low-res tokens in compute dtype. Returns u (T, C_aux) with the key LayerNorm's gamma and the
-    1/sqrt(D) scale folded in, and u.sum(-1) (T,), which multiplies each pixel's mean."""
-    dt = x.dtype
+    1/sqrt(D) scale folded in, and u.sum(-1) (T,), which multiplies each pixel's mean. gemm_dtype: run the two
+    products in half precision on GPUs (fp32 accumulation), as the official code runs its projections."""
+    dt, g = x.dtype, gemm_dtype or x.dtype
     q = F.layer_norm(x, (x.shape[-1],), _w(weights, "query", 0, "weight", dt), _w(weights, "query", 0, "bias", dt), LN_EPS)
-    q = F.linear(q, _w(weights, "query", 1, "weight", dt), _w(weights, "query", 1, "bias", dt))
-    u = (q @ _w(weights, "aux", 1, "weight", dt)) * (_w(weights, "aux", 0, "weight", dt) / spec.key_dim**0.5)
+    q = F.linear(q.to(g), _w(weights, "query", 1, "weight", g), _w(weights, "query", 1, "bias", g))
+    u = (q @ _w(weights, "aux", 1, "weight", g)).to(dt) * (_w(weights, "aux", 0, "weight", dt) / spec.key_dim**0.5)
     return u.contiguous(), u.sum(-1)
 
 
-def project_values(agg: torch.Tensor, shift: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+def project_values(agg: torch.Tensor, shift: torch.Tensor, weights: dict[str, torch.Tensor],
+                   gemm_dtype: torch.dtype | None = None) -> torch.Tensor:
     """W_v (gamma_v * (agg - shift) + beta_v) + b_v for all tokens in one GEMM."""
-    dt = agg.dtype
+    dt, g = agg.dtype, gemm_dtype or agg.dtype
     w_v = _w(weights, "val", 1, "weight", dt)
     bias = w_v @ _w(weights, "val", 0, "bias", dt) + _w(weights, "val", 1, "bias", dt)
-    return torch.addmm(bias, (agg - shift[:, None]) * _w(weights, "val", 0, "weight", dt), w_v.t())
+    y = ((agg - shift[:, None]) * _w(weights, "val", 0, "weight", dt)).to(g) @ w_v.to(g).t()
+    return y.to(dt) + bias
 
 
 @dataclass(frozen=True)

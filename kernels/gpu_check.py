@@ -102,15 +102,16 @@ def variants(results: dict, bw: float) -> None:
     shift = torch.empty(x.shape[0], device="cuda")
     fb = floor_bytes(lr, st)
     for layout_name, maps in (("nchw", st), ("channels_last", [s.contiguous(memory_format=torch.channels_last) for s in st])):
-        for bc in (32, 64):
-            for nw in (4, 8):
-                try:
-                    ms = bench_ms(lambda: launch_kernels(spec, maps, u, usum, agg, shift, block_c=bc, num_warps=nw))
-                    r = {"maps": layout_name, "block_c": bc, "num_warps": nw, "kernel_ms": ms, "bw_frac": fb / (ms * 1e-3) / bw}
-                except Exception as e:  # a variant that fails to compile is reported, not fatal
-                    r = {"maps": layout_name, "block_c": bc, "num_warps": nw, "error": repr(e)[:300]}
-                results["variants"].append(r)
-                log(json.dumps(r))
+        for bc, nw, ns in ((64, 4, 2), (32, 4, 2), (128, 4, 2), (64, 8, 2), (64, 4, 1), (64, 4, 3)):
+            r = {"maps": layout_name, "block_c": bc, "num_warps": nw, "num_stages": ns}
+            try:
+                ms = bench_ms(lambda: launch_kernels(spec, maps, u, usum, agg, shift, block_c=bc, num_warps=nw,
+                                                     num_stages=ns))
+                r.update(kernel_ms=ms, bw_frac=fb / (ms * 1e-3) / bw)
+            except Exception as e:  # a variant that fails to compile is reported, not fatal
+                r["error"] = repr(e)[:300]
+            results["variants"].append(r)
+            log(json.dumps(r))
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ On the CPU this runs only under TRITON_INTERPRET=1 (how CI tests it).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -20,84 +21,116 @@ import triton.language as tl
 from .contract import MiningSpec
 from .folding import LN_EPS, fold_queries, footprints, output_views, project_values, window_sets
 
-BLOCK_C = 32  # channels per load
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+BLOCK_C = 64  # channels per load
+IDENT, GRAM, DENSE = 0, 1, 2  # how a stage's footprint becomes window-pixel statistics (see _stage_stats)
 
 
 @triton.jit
-def _resampled(s_ptr, s_off, stride_c, c0, C_s, pix_off, pix_ok, R, IDENT: tl.constexpr, FP: tl.constexpr,
-               BC: tl.constexpr, PREC: tl.constexpr):
-    """Load footprint channels [c0, c0+BC) -> (FP, BC) and resample to window pixels -> (MMP, BC) float32."""
+def _footprint(fw_ptr, fs_ptr, row, col, stride_y, stride_x, F: tl.constexpr, FQ: tl.constexpr, M: tl.constexpr,
+               MQ: tl.constexpr):
+    """A window's footprint in one stage, laid out as an FQ x FQ grid (FQ = pow2 >= F) flattened to FQ*FQ:
+    pixel offsets, validity, and the resampling matrix R (MQ*MQ window pixels, FQ*FQ footprint pixels) built
+    from the two separable 1-d weight tables (Kronecker product by broadcasting: no gathers)."""
+    p = tl.arange(0, FQ * FQ)
+    py = p // FQ
+    px = p % FQ
+    ok = (py < F) & (px < F)
+    offs = (tl.load(fs_ptr + row) + py) * stride_y + (tl.load(fs_ptr + col) + px) * stride_x
+    a = tl.arange(0, MQ)
+    f = tl.arange(0, FQ)
+    m = (a < M)[:, None] & (f < F)[None, :]
+    ry = tl.load(fw_ptr + row * (M * F) + a[:, None] * F + f[None, :], mask=m, other=0.0)  # (MQ, FQ)
+    rx = tl.load(fw_ptr + col * (M * F) + a[:, None] * F + f[None, :], mask=m, other=0.0)
+    R = tl.reshape(ry[:, None, :, None] * rx[None, :, None, :], (MQ * MQ, FQ * FQ))
+    return offs, ok, R
+
+
+@triton.jit
+def _load_tile(s_ptr, s_off, stride_c, c0, C_s, offs, ok, BC: tl.constexpr):
     cc = c0 + tl.arange(0, BC)
-    tile = tl.load(s_ptr + s_off + pix_off[:, None] + cc[None, :] * stride_c,
-                   mask=pix_ok[:, None] & (cc < C_s)[None, :], other=0.0).to(tl.float32)
-    if IDENT:
-        return tile, tile, cc
-    # Half inputs are exact in tf32 and so are the bilinear weights (multiples of 1/1024): products are exact.
-    return tl.dot(R, tile, input_precision=PREC), tile, cc
+    raw = tl.load(s_ptr + s_off + offs[:, None] + cc[None, :] * stride_c, mask=ok[:, None] & (cc < C_s)[None, :],
+                  other=0.0)
+    return raw, cc
 
 
 @triton.jit
-def _footprint(fw_ptr, fs_ptr, row, col, stride_y, stride_x, H_s, F: tl.constexpr, FP: tl.constexpr,
-               M: tl.constexpr, MMP: tl.constexpr):
-    """Pixel offsets and validity of a window's footprint in one stage, and its resampling matrix R (MMP, FP)."""
-    p = tl.arange(0, FP)
-    py = p // F
-    px = p % F
-    ys = tl.load(fs_ptr + row) + py
-    xs = tl.load(fs_ptr + col) + px
-    ok = (p < F * F) & (ys < H_s) & (xs < H_s)
-    j = tl.arange(0, MMP)
-    ja = j // M
-    jb = j % M
-    jok = j < M * M
-    m = jok[:, None] & ok[None, :]
-    ry = tl.load(fw_ptr + row * (M * F) + ja[:, None] * F + py[None, :], mask=m, other=0.0)
-    rx = tl.load(fw_ptr + col * (M * F) + jb[:, None] * F + px[None, :], mask=m, other=0.0)
-    return ys * stride_y + xs * stride_x, ok, ry * rx
-
-
-@triton.jit
-def _stage_stats(s_ptr, s_off, sc, sy, sx, C_s, H_s, fw_ptr, fs_ptr, row, col, u_row, chan0,
-                 logit, s1, s2, F: tl.constexpr, FP: tl.constexpr, IDENT: tl.constexpr, M: tl.constexpr,
-                 MMP: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
-    pix_off, pix_ok, R = _footprint(fw_ptr, fs_ptr, row, col, sy, sx, H_s, F, FP, M, MMP)
-    for c0 in range(0, C_s, BC):
-        h, _tile, cc = _resampled(s_ptr, s_off, sc, c0, C_s, pix_off, pix_ok, R, IDENT, FP, BC, PREC)
-        uu = tl.load(u_row + chan0 + cc, mask=cc < C_s, other=0.0)
-        logit += tl.sum(h * uu[None, :], axis=1)
-        s1 += tl.sum(h, axis=1)
-        s2 += tl.sum(h * h, axis=1)
-    return logit, s1, s2
-
-
-@triton.jit
-def _stage_aggregate(s_ptr, s_off, sc, sy, sx, C_s, H_s, fw_ptr, fs_ptr, row, col, agg_row, chan0, w,
-                     F: tl.constexpr, FP: tl.constexpr, IDENT: tl.constexpr, M: tl.constexpr, MMP: tl.constexpr,
-                     BC: tl.constexpr, PREC: tl.constexpr):
-    pix_off, pix_ok, R = _footprint(fw_ptr, fs_ptr, row, col, sy, sx, H_s, F, FP, M, MMP)
-    if IDENT:
-        omega = w  # window pixel j is footprint pixel j
+def _stage_stats(s_ptr, s_off, sc, sy, sx, C_s, fw_ptr, fs_ptr, row, col, u_row, chan0,
+                 F: tl.constexpr, FQ: tl.constexpr, MODE: tl.constexpr, M: tl.constexpr, MQ: tl.constexpr,
+                 BC: tl.constexpr, NATIVE_DOT: tl.constexpr, PREC: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """This stage's share of u.h, sum(h), sum(h^2) for every window pixel, (MQ*MQ,) each.
+    IDENT: window pixels are footprint pixels. GRAM: accumulate u.P, sum(P) and the Gram matrix P P^T on the
+    footprint (tensor cores), then resample the scalars: sum(h^2) = diag(R G R^T). DENSE (large footprints):
+    resample each channel block to window pixels (h = R P) and accumulate directly."""
+    offs, ok, R = _footprint(fw_ptr, fs_ptr, row, col, sy, sx, F, FQ, M, MQ)
+    FP: tl.constexpr = FQ * FQ
+    if MODE == 2:
+        acc_d = tl.zeros([MQ * MQ, BC], dtype=tl.float32)
+        acc_t = tl.zeros([MQ * MQ, BC], dtype=tl.float32)
+        acc_q = tl.zeros([MQ * MQ, BC], dtype=tl.float32)
     else:
-        omega = tl.sum(R * w[:, None], axis=0)  # (FP,) weights pushed back onto stage pixels
-    for c0 in range(0, C_s, BC):
-        cc = c0 + tl.arange(0, BC)
-        tile = tl.load(s_ptr + s_off + pix_off[:, None] + cc[None, :] * sc,
-                       mask=pix_ok[:, None] & (cc < C_s)[None, :], other=0.0).to(tl.float32)
-        tl.store(agg_row + chan0 + cc, tl.sum(tile * omega[:, None], axis=0), mask=cc < C_s)
+        acc_d = tl.zeros([FP, BC], dtype=tl.float32)
+        acc_t = tl.zeros([FP, BC], dtype=tl.float32)
+        acc_q = tl.zeros([FP, BC], dtype=tl.float32)
+    gram = tl.zeros([FP, FP], dtype=tl.float32)
+    for c0 in tl.range(0, C_s, BC, num_stages=NUM_STAGES):
+        raw, cc = _load_tile(s_ptr, s_off, sc, c0, C_s, offs, ok, BC)
+        tile = raw.to(tl.float32)
+        uu = tl.load(u_row + chan0 + cc, mask=cc < C_s, other=0.0)[None, :]
+        if MODE == 2:
+            # Half inputs and the bilinear weights (multiples of 1/1024) are exact in tf32: exact products.
+            h = tl.dot(R, tile, input_precision=PREC)
+            acc_d += h * uu
+            acc_t += h
+            acc_q += h * h
+        else:
+            acc_d += tile * uu
+            acc_t += tile
+            if MODE == 0:
+                acc_q += tile * tile
+            elif NATIVE_DOT:
+                gram = tl.dot(raw, tl.trans(raw), gram)  # half x half -> fp32: exact products
+            else:
+                gram = tl.dot(tile, tl.trans(tile), gram, input_precision=PREC)
+    d = tl.sum(acc_d, axis=1)
+    t = tl.sum(acc_t, axis=1)
+    if MODE == 1:
+        q = tl.sum(tl.dot(R, gram, input_precision="ieee") * R, axis=1)
+        d = tl.sum(R * d[None, :], axis=1)
+        t = tl.sum(R * t[None, :], axis=1)
+    else:
+        q = tl.sum(acc_q, axis=1)
+    return d, t, q
+
+
+@triton.jit
+def _stage_aggregate(s_ptr, s_off, sc, sy, sx, C_s, fw_ptr, fs_ptr, row, col, agg_row, chan0, w,
+                     F: tl.constexpr, FQ: tl.constexpr, MODE: tl.constexpr, M: tl.constexpr, MQ: tl.constexpr,
+                     BC: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """agg[chan0 + c] = sum_j w_j h_j[c], computed on the footprint: omega = R^T w, agg = omega . P."""
+    offs, ok, R = _footprint(fw_ptr, fs_ptr, row, col, sy, sx, F, FQ, M, MQ)
+    if MODE == 0:
+        omega = w
+    else:
+        omega = tl.sum(R * w[:, None], axis=0)
+    for c0 in tl.range(0, C_s, BC, num_stages=NUM_STAGES):
+        raw, cc = _load_tile(s_ptr, s_off, sc, c0, C_s, offs, ok, BC)
+        tl.store(agg_row + chan0 + cc, tl.sum(raw.to(tl.float32) * omega[:, None], axis=0), mask=cc < C_s)
 
 
 @triton.jit
 def _mine_kernel(
     u_ptr, usum_ptr, agg_ptr, shift_ptr, tok_ptr, b_ptr, row_ptr, col_ptr, C_aux,
-    s0, s0b, s0c, s0y, s0x, C0, H0, fw0, fs0,
-    s1_, s1b, s1c, s1y, s1x, C1, H1, fw1, fs1,
-    s2_, s2b, s2c, s2y, s2x, C2, H2, fw2, fs2,
-    s3, s3b, s3c, s3y, s3x, C3, H3, fw3, fs3,
-    F0: tl.constexpr, FP0: tl.constexpr, ID0: tl.constexpr,
-    F1: tl.constexpr, FP1: tl.constexpr, ID1: tl.constexpr,
-    F2: tl.constexpr, FP2: tl.constexpr, ID2: tl.constexpr,
-    F3: tl.constexpr, FP3: tl.constexpr, ID3: tl.constexpr,
-    M: tl.constexpr, MMP: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr,
+    s0, s0b, s0c, s0y, s0x, C0, fw0, fs0,
+    s1, s1b, s1c, s1y, s1x, C1, fw1, fs1,
+    s2, s2b, s2c, s2y, s2x, C2, fw2, fs2,
+    s3, s3b, s3c, s3y, s3x, C3, fw3, fs3,
+    F0: tl.constexpr, FQ0: tl.constexpr, MD0: tl.constexpr,
+    F1: tl.constexpr, FQ1: tl.constexpr, MD1: tl.constexpr,
+    F2: tl.constexpr, FQ2: tl.constexpr, MD2: tl.constexpr,
+    F3: tl.constexpr, FQ3: tl.constexpr, MD3: tl.constexpr,
+    M: tl.constexpr, MQ: tl.constexpr, BC: tl.constexpr, NATIVE_DOT: tl.constexpr, PREC: tl.constexpr,
+    EPS: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tok = tl.load(tok_ptr + pid).to(tl.int64)
@@ -105,40 +138,44 @@ def _mine_kernel(
     row = tl.load(row_ptr + pid)
     col = tl.load(col_ptr + pid)
     u_row = u_ptr + tok * C_aux
-    j = tl.arange(0, MMP)
-    logit = tl.zeros([MMP], dtype=tl.float32)
-    acc1 = tl.zeros([MMP], dtype=tl.float32)
-    acc2 = tl.zeros([MMP], dtype=tl.float32)
-    logit, acc1, acc2 = _stage_stats(s0, b * s0b, s0c, s0y, s0x, C0, H0, fw0, fs0, row, col, u_row, 0,
-                                     logit, acc1, acc2, F0, FP0, ID0, M, MMP, BC, PREC)
-    logit, acc1, acc2 = _stage_stats(s1_, b * s1b, s1c, s1y, s1x, C1, H1, fw1, fs1, row, col, u_row, C0,
-                                     logit, acc1, acc2, F1, FP1, ID1, M, MMP, BC, PREC)
-    logit, acc1, acc2 = _stage_stats(s2_, b * s2b, s2c, s2y, s2x, C2, H2, fw2, fs2, row, col, u_row, C0 + C1,
-                                     logit, acc1, acc2, F2, FP2, ID2, M, MMP, BC, PREC)
-    logit, acc1, acc2 = _stage_stats(s3, b * s3b, s3c, s3y, s3x, C3, H3, fw3, fs3, row, col, u_row, C0 + C1 + C2,
-                                     logit, acc1, acc2, F3, FP3, ID3, M, MMP, BC, PREC)
-    mean = acc1 / C_aux
-    var = tl.maximum(acc2 / C_aux - mean * mean, 0.0)
+    d0, t0, q0 = _stage_stats(s0, b * s0b, s0c, s0y, s0x, C0, fw0, fs0, row, col, u_row, 0,
+                              F0, FQ0, MD0, M, MQ, BC, NATIVE_DOT, PREC, NUM_STAGES)
+    d1, t1, q1 = _stage_stats(s1, b * s1b, s1c, s1y, s1x, C1, fw1, fs1, row, col, u_row, C0,
+                              F1, FQ1, MD1, M, MQ, BC, NATIVE_DOT, PREC, NUM_STAGES)
+    d2, t2, q2 = _stage_stats(s2, b * s2b, s2c, s2y, s2x, C2, fw2, fs2, row, col, u_row, C0 + C1,
+                              F2, FQ2, MD2, M, MQ, BC, NATIVE_DOT, PREC, NUM_STAGES)
+    d3, t3, q3 = _stage_stats(s3, b * s3b, s3c, s3y, s3x, C3, fw3, fs3, row, col, u_row, C0 + C1 + C2,
+                              F3, FQ3, MD3, M, MQ, BC, NATIVE_DOT, PREC, NUM_STAGES)
+    # LayerNorm statistics over the C_aux channels of each window pixel, then the softmax over the window.
+    mean = (t0 + t1 + t2 + t3) / C_aux
+    var = tl.maximum((q0 + q1 + q2 + q3) / C_aux - mean * mean, 0.0)
     rstd = 1.0 / tl.sqrt(var + EPS)
-    x = rstd * (logit - mean * tl.load(usum_ptr + tok))
-    x = tl.where(j < M * M, x, float("-inf"))
+    x = rstd * (d0 + d1 + d2 + d3 - mean * tl.load(usum_ptr + tok))
+    j = tl.arange(0, MQ * MQ)
+    x = tl.where(((j // MQ) < M) & ((j % MQ) < M), x, float("-inf"))
     x = tl.exp(x - tl.max(x, axis=0))
-    a = x / tl.sum(x, axis=0)
-    w = a * rstd
+    w = x / tl.sum(x, axis=0) * rstd
     tl.store(shift_ptr + tok, tl.sum(w * mean, axis=0))
     agg_row = agg_ptr + tok * C_aux
-    _stage_aggregate(s0, b * s0b, s0c, s0y, s0x, C0, H0, fw0, fs0, row, col, agg_row, 0, w,
-                     F0, FP0, ID0, M, MMP, BC, PREC)
-    _stage_aggregate(s1_, b * s1b, s1c, s1y, s1x, C1, H1, fw1, fs1, row, col, agg_row, C0, w,
-                     F1, FP1, ID1, M, MMP, BC, PREC)
-    _stage_aggregate(s2_, b * s2b, s2c, s2y, s2x, C2, H2, fw2, fs2, row, col, agg_row, C0 + C1, w,
-                     F2, FP2, ID2, M, MMP, BC, PREC)
-    _stage_aggregate(s3, b * s3b, s3c, s3y, s3x, C3, H3, fw3, fs3, row, col, agg_row, C0 + C1 + C2, w,
-                     F3, FP3, ID3, M, MMP, BC, PREC)
+    _stage_aggregate(s0, b * s0b, s0c, s0y, s0x, C0, fw0, fs0, row, col, agg_row, 0, w, F0, FQ0, MD0, M, MQ, BC, NUM_STAGES)
+    _stage_aggregate(s1, b * s1b, s1c, s1y, s1x, C1, fw1, fs1, row, col, agg_row, C0, w, F1, FQ1, MD1, M, MQ, BC, NUM_STAGES)
+    _stage_aggregate(s2, b * s2b, s2c, s2y, s2x, C2, fw2, fs2, row, col, agg_row, C0 + C1, w,
+                     F2, FQ2, MD2, M, MQ, BC, NUM_STAGES)
+    _stage_aggregate(s3, b * s3b, s3c, s3y, s3x, C3, fw3, fs3, row, col, agg_row, C0 + C1 + C2, w,
+                     F3, FQ3, MD3, M, MQ, BC, NUM_STAGES)
 
 
-def _pow2(n: int, lo: int = 16) -> int:
+def _pow2(n: int, lo: int = 1) -> int:
     return max(lo, triton.next_power_of_2(n))
+
+
+def _layout(size: int, identity: bool, M: int) -> tuple[int, int]:
+    """(FQ, MODE) for a footprint of side `size`: FQ*FQ must be >= 16 for tl.dot; big footprints go DENSE
+    because their Gram matrix would not fit in registers."""
+    fq = _pow2(size, 4)
+    if identity:
+        return _pow2(M, 4), IDENT
+    return fq, GRAM if fq * fq <= 64 else DENSE
 
 
 @functools.lru_cache(maxsize=32)
@@ -146,7 +183,7 @@ def _device_tables(spec: MiningSpec, global_view: bool, device: torch.device) ->
     """Per stage: footprint weights (float32), starts (int32) on the device, and the kernel's constexprs."""
     M = spec.window
     return [(fp.weights.to(device=device, dtype=torch.float32).contiguous(), fp.start.to(device=device, dtype=torch.int32),
-             (fp.size, _pow2(M * M if fp.identity else fp.size**2), fp.identity))
+             (fp.size, *_layout(fp.size, fp.identity, M)))
             for fp in footprints(spec, global_view)]
 
 
@@ -157,19 +194,24 @@ def _device_windows(spec: MiningSpec, device: torch.device) -> list[tuple[bool, 
 
 
 def launch_kernels(spec: MiningSpec, hr_stages: list[torch.Tensor], u: torch.Tensor, usum: torch.Tensor,
-                   agg: torch.Tensor, shift: torch.Tensor, *, block_c: int = BLOCK_C, num_warps: int = 4) -> None:
+                   agg: torch.Tensor, shift: torch.Tensor, *, block_c: int = BLOCK_C, num_warps: int = 4,
+                   num_stages: int = 2) -> None:
     """Fill agg (T, C_aux) and shift (T,) for every window: one launch per view kind (crops, global)."""
     dev = u.device
-    prec = "ieee" if spec.dtype == torch.float32 else "tf32"
     M = spec.window
+    # Half maps feed the Gram products to the tensor cores as they are (exact products, fp32 sums) -- except bf16
+    # under the CPU interpreter, whose bf16 tl.dot is wrong; fp32 maps use exact fp32 dots.
+    native_dot = spec.dtype == torch.float16 or (spec.dtype == torch.bfloat16 and not INTERPRET)
+    prec = "ieee" if spec.dtype == torch.float32 else "tf32"
     for global_view, idx in _device_windows(spec, dev):
         stage_args, const_args = [], []
         for st, (fw, fs, consts) in zip(hr_stages, _device_tables(spec, global_view, dev)):
-            stage_args += [st, st.stride(0), st.stride(1), st.stride(2), st.stride(3), st.shape[1], st.shape[2], fw, fs]
+            stage_args += [st, st.stride(0), st.stride(1), st.stride(2), st.stride(3), st.shape[1], fw, fs]
             const_args += list(consts)
         _mine_kernel[(idx[0].shape[0],)](
             u, usum, agg, shift, *idx, spec.aux_channels, *stage_args, *const_args,
-            M=M, MMP=_pow2(M * M), BC=block_c, PREC=prec, EPS=LN_EPS, num_warps=num_warps,
+            M=M, MQ=_pow2(M, 4), BC=block_c, NATIVE_DOT=native_dot, PREC=prec, EPS=LN_EPS,
+            NUM_STAGES=num_stages, num_warps=num_warps,
         )
 
 
@@ -181,10 +223,12 @@ def mine_triton(lr_feats: torch.Tensor, hr_stages: list[torch.Tensor], weights: 
         raise ValueError("lr_feats: dtype float64 is not supported by impl='triton' (use 'torch' or 'reference')")
     dev = lr_feats.device
     x = output_views(lr_feats, spec).reshape(-1, spec.channels).float()
-    u, usum = fold_queries(x, weights, spec)
+    # Half inputs: the two projections run as half GEMMs on the tensor cores, like the official fp16 path.
+    gemm = spec.dtype if spec.dtype != torch.float32 and lr_feats.is_cuda else None
+    u, usum = fold_queries(x, weights, spec, gemm)
     T = x.shape[0]
     agg = out_agg if out_agg is not None else torch.empty(T, spec.aux_channels, dtype=torch.float32, device=dev)
     shift = out_shift if out_shift is not None else torch.empty(T, dtype=torch.float32, device=dev)
     launch_kernels(spec, hr_stages, u, usum, agg, shift, block_c=block_c, num_warps=num_warps)
-    out = x + project_values(agg, shift, weights)
+    out = x + project_values(agg, shift, weights, gemm)
     return out.to(spec.dtype).reshape(spec.batch, spec.views * spec.tokens, spec.channels)
