@@ -102,7 +102,7 @@ def variants(results: dict, bw: float) -> None:
     shift = torch.empty(x.shape[0], device="cuda")
     fb = floor_bytes(lr, st)
     for layout_name, maps in (("nchw", st), ("channels_last", [s.contiguous(memory_format=torch.channels_last) for s in st])):
-        for bc, nw, ns in ((64, 4, 2), (32, 4, 2), (128, 4, 2), (64, 8, 2), (64, 4, 1), (64, 4, 3)):
+        for bc, nw, ns in ((32, 8, 2), (32, 4, 2), (16, 8, 2), (64, 8, 2), (32, 8, 1), (32, 8, 3)):
             r = {"maps": layout_name, "block_c": bc, "num_warps": nw, "num_stages": ns}
             try:
                 ms = bench_ms(lambda: launch_kernels(spec, maps, u, usum, agg, shift, block_c=bc, num_warps=nw,
