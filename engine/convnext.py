@@ -1,0 +1,125 @@
+"""ConvNeXt high-resolution ("aux") tower of MGM as a plain, deterministic torch module.
+
+The official tower is timm ``convnext_large`` built through open_clip, of which MGM keeps only ``stem`` and
+``stages`` (mgm.md §3.1). It is re-implemented here so that (a) no timm/open_clip is needed, (b) parameter names
+equal the checkpoint keys after ``model.vision_tower_aux.`` and load with a plain ``load_state_dict``, and (c) it is
+always the eval-mode network: the official code leaves DropPath active at inference (mgm.md §3.4); its
+expectation is exactly this module without drop path.
+
+``forward`` returns the four stage outputs separately. The official code upsamples and concatenates them into one
+2880-channel map (849 MB per HD image in fp16); the patch-info-mining kernels consume the stages directly instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LN_EPS = 1e-6  # timm ConvNeXt uses 1e-6 for every norm
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channel axis of an NCHW tensor (timm ``LayerNorm2d``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()  # exact (erf) GELU, as timm
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class ConvNeXtBlock(nn.Module):
+    """dw7×7 conv → channels-last LN → MLP(4×) → layer scale → residual. No drop path (eval semantics)."""
+
+    def __init__(self, dim: int, mlp_ratio: int = 4) -> None:
+        super().__init__()
+        self.conv_dw = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = Mlp(dim, mlp_ratio * dim)
+        # Layer scale; the checkpoint key is a bare "gamma" (timm stores it as a parameter, not a module).
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.conv_dw(x).permute(0, 2, 3, 1)  # NHWC so LN and the MLP act on channels
+        x = self.mlp(self.norm(x)) * self.gamma
+        return x.permute(0, 3, 1, 2) + shortcut
+
+
+class ConvNeXtStage(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, depth: int, downsample: bool) -> None:
+        super().__init__()
+        # Stage 0 keeps the stem resolution; later stages halve it. timm puts an Identity there, which has no
+        # parameters, so leaving the attribute out keeps the state_dict identical to the checkpoint.
+        self.downsample: nn.Module | None = (
+            nn.Sequential(LayerNorm2d(in_dim, eps=LN_EPS), nn.Conv2d(in_dim, out_dim, kernel_size=2, stride=2))
+            if downsample
+            else None
+        )
+        self.blocks = nn.Sequential(*(ConvNeXtBlock(out_dim) for _ in range(depth)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return self.blocks(x)
+
+
+class ConvNeXtTower(nn.Module):
+    """Stem + stages of ConvNeXt; ``forward`` → list of stage outputs ``(B, C_s, H/2^(s+2), W/2^(s+2))``."""
+
+    def __init__(self, depths: Sequence[int], dims: Sequence[int], in_chans: int = 3) -> None:
+        super().__init__()
+        if len(depths) != len(dims) or not depths:
+            raise ValueError(f"depths {list(depths)} and dims {list(dims)} must be non-empty and of equal length")
+        self.depths = tuple(depths)
+        self.dims = tuple(dims)
+        self.vision_stem = nn.Sequential(
+            nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4), LayerNorm2d(dims[0], eps=LN_EPS)
+        )
+        self.vision_stages = nn.ModuleList(
+            ConvNeXtStage(dims[max(s - 1, 0)], dims[s], depths[s], downsample=s > 0) for s in range(len(dims))
+        )
+        self.eval()  # inference-only module; there is no stochastic layer, but keep the contract explicit
+
+    @classmethod
+    def from_config(cls, config) -> ConvNeXtTower:  # type: ignore[no-untyped-def]
+        """Build from an MGM config (``vision_aux_config`` or ConvNeXt-L)."""
+        spec = config.convnext_spec()
+        return cls(spec.depths, spec.dims)
+
+    @property
+    def hidden_size(self) -> int:
+        return sum(self.dims)
+
+    def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        x = self.vision_stem(pixels.to(self.vision_stem[0].weight.dtype))
+        outputs = []
+        for stage in self.vision_stages:
+            x = stage(x)
+            outputs.append(x)
+        return outputs
+
+
+def concat_stages(stages: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The official 2880-channel map: stages 1.. upsampled (bilinear, fp32) to stage 0 and concatenated.
+
+    Reference/parity helper only (mgm.md §3.2) — the serving path never materialises this tensor.
+    """
+    size = stages[0].shape[-2:]
+    ups = [stages[0]] + [
+        F.interpolate(s.float(), size=size, mode="bilinear", align_corners=False).to(s.dtype) for s in stages[1:]
+    ]
+    return torch.cat(ups, dim=1)

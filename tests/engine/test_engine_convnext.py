@@ -1,0 +1,130 @@
+"""engine.convnext: checkpoint parameter names, stage shapes, and numerics against an independent fp64 version."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.config import MGMConfig
+from engine.convnext import ConvNeXtTower, concat_stages
+
+DEPTHS_L, DIMS_L = (3, 3, 27, 3), (192, 384, 768, 1536)
+
+
+def expected_convnext_keys(depths, dims) -> dict[str, tuple[int, ...]]:
+    """Official keys after ``model.vision_tower_aux.`` (mgm.md §5.2), written out independently of the module."""
+    keys = {
+        "vision_stem.0.weight": (dims[0], 3, 4, 4),
+        "vision_stem.0.bias": (dims[0],),
+        "vision_stem.1.weight": (dims[0],),
+        "vision_stem.1.bias": (dims[0],),
+    }
+    for s, (depth, dim) in enumerate(zip(depths, dims)):
+        if s > 0:
+            keys[f"vision_stages.{s}.downsample.0.weight"] = (dims[s - 1],)
+            keys[f"vision_stages.{s}.downsample.0.bias"] = (dims[s - 1],)
+            keys[f"vision_stages.{s}.downsample.1.weight"] = (dim, dims[s - 1], 2, 2)
+            keys[f"vision_stages.{s}.downsample.1.bias"] = (dim,)
+        for b in range(depth):
+            p = f"vision_stages.{s}.blocks.{b}."
+            keys[p + "conv_dw.weight"] = (dim, 1, 7, 7)
+            keys[p + "conv_dw.bias"] = (dim,)
+            keys[p + "norm.weight"] = (dim,)
+            keys[p + "norm.bias"] = (dim,)
+            keys[p + "mlp.fc1.weight"] = (4 * dim, dim)
+            keys[p + "mlp.fc1.bias"] = (4 * dim,)
+            keys[p + "mlp.fc2.weight"] = (dim, 4 * dim)
+            keys[p + "mlp.fc2.bias"] = (dim,)
+            keys[p + "gamma"] = (dim,)
+    return keys
+
+
+def test_convnext_large_names_and_shapes_on_meta():
+    with torch.device("meta"):
+        tower = ConvNeXtTower.from_config(MGMConfig())  # default vision_aux_config → ConvNeXt-L
+    state = {k: tuple(v.shape) for k, v in tower.state_dict().items()}
+    assert state == expected_convnext_keys(DEPTHS_L, DIMS_L)
+    assert len(state) == 340  # ~340 keys, as the released index files suggest (mgm.md §5.1)
+    # 196.2 M parameters: the size arithmetic of mgm.md §5.1.
+    assert round(sum(math.prod(s) for s in state.values()) / 1e6, 1) == 196.2
+    assert tower.hidden_size == 2880
+    assert not tower.training
+
+
+def test_stage_shapes_and_concat():
+    torch.manual_seed(0)
+    tower = ConvNeXtTower((1, 1, 2, 1), (8, 16, 24, 32))
+    with torch.no_grad():
+        stages = tower(torch.randn(2, 3, 64, 64))
+    assert [tuple(s.shape) for s in stages] == [(2, 8, 16, 16), (2, 16, 8, 8), (2, 24, 4, 4), (2, 32, 2, 2)]
+    assert tuple(concat_stages(stages).shape) == (2, 80, 16, 16)
+
+
+# ---- independent float64 reference (functional, written from the timm description in mgm.md §3.1) ----
+
+
+def _ln_channels(x, w, b, eps=1e-6):
+    # LayerNorm over dim 1 of NCHW, by hand.
+    mu = x.mean(dim=1, keepdim=True)
+    var = ((x - mu) ** 2).mean(dim=1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + eps) * w[None, :, None, None] + b[None, :, None, None]
+
+
+def _gelu_exact(x):
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def reference_convnext(params: dict[str, torch.Tensor], depths, x: torch.Tensor) -> list[torch.Tensor]:
+    p = {k: v.double() for k, v in params.items()}
+    x = x.double()
+    x = F.conv2d(x, p["vision_stem.0.weight"], p["vision_stem.0.bias"], stride=4)
+    x = _ln_channels(x, p["vision_stem.1.weight"], p["vision_stem.1.bias"])
+    outs = []
+    for s, depth in enumerate(depths):
+        if s > 0:
+            q = f"vision_stages.{s}.downsample."
+            x = _ln_channels(x, p[q + "0.weight"], p[q + "0.bias"])
+            x = F.conv2d(x, p[q + "1.weight"], p[q + "1.bias"], stride=2)
+        for b in range(depth):
+            q = f"vision_stages.{s}.blocks.{b}."
+            y = F.conv2d(x, p[q + "conv_dw.weight"], p[q + "conv_dw.bias"], padding=3, groups=x.shape[1])
+            y = _ln_channels(y, p[q + "norm.weight"], p[q + "norm.bias"])
+            y = torch.einsum("bchw,oc->bohw", y, p[q + "mlp.fc1.weight"]) + p[q + "mlp.fc1.bias"][None, :, None, None]
+            y = _gelu_exact(y)
+            y = torch.einsum("bchw,oc->bohw", y, p[q + "mlp.fc2.weight"]) + p[q + "mlp.fc2.bias"][None, :, None, None]
+            x = x + y * p[q + "gamma"][None, :, None, None]
+        outs.append(x)
+    return outs
+
+
+@pytest.mark.parametrize("size", [64, 96])
+def test_numerics_match_fp64_reference(size):
+    depths, dims = (2, 1, 3, 1), (8, 16, 24, 32)
+    tower = ConvNeXtTower(depths, dims)
+    gen = torch.Generator().manual_seed(size)
+    with torch.no_grad():
+        for name, param in tower.named_parameters():
+            # Non-trivial values everywhere (incl. norms and a large layer scale) so that every term matters.
+            if name.endswith("gamma"):
+                param.copy_(0.5 + 0.1 * torch.randn(param.shape, generator=gen))
+            elif param.ndim == 1 and ("norm" in name or name.endswith(("stem.1.weight", "downsample.0.weight"))):
+                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=gen))
+            else:
+                fan_in = math.prod(param.shape[1:]) if param.ndim > 1 else 10
+                param.copy_(torch.randn(param.shape, generator=gen) / math.sqrt(fan_in))
+    x = torch.randn(2, 3, size, size, generator=gen)
+    params = dict(tower.state_dict())
+    ref = reference_convnext(params, depths, x)
+    with torch.no_grad():
+        got32 = tower(x)
+        got64 = tower.double()(x.double())
+    for r, g32, g64 in zip(ref, got32, got64):
+        assert g32.dtype == torch.float32
+        assert torch.allclose(g64, r, atol=1e-10, rtol=1e-10)
+        assert (g32.double() - r).abs().max() <= 1e-4 * max(1.0, r.abs().max().item())
+    # Deterministic eval semantics: no drop path, identical repeated calls.
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(tower(x.double()), tower(x.double())))
