@@ -1,10 +1,15 @@
-"""Fused Triton patch info mining: one program per low-res token (window), reading the four stage maps directly.
+"""Triton patch info mining: short programs over (window, channel chunk), so thousands of them keep a GPU busy.
 
-Per window and stage, the program loads the stage's footprint (a few stage pixels around the window), resamples
-it to the M*M window pixels on the fly with the separable bilinear weights (one small matrix product), and
-accumulates u.h, sum(h) and sum(h^2); then LayerNorm statistics, logits and the softmax over the window; then it
-pushes the softmax weights back onto the footprint and writes agg = sum_j (a_j/std_j) h_j. The C_aux-channel map
-is never built; one GEMM afterwards applies W_v (see folding.py for the algebra).
+Per stage of the high-res tower:
+1. `_stats_kernel`, one program per (window, chunk of the stage's channels): loads that chunk of the window's
+   footprint (the few stage pixels its bilinear resampling touches), resamples it to the M*M window pixels on the
+   fly (h = R P, one small tensor-core product; stage 0 of the crops needs none) and writes the chunk's partial
+   u.h, sum(h) and sum(h^2) for every window pixel.
+2. A few torch ops on (T, M*M) tensors sum the partials: LayerNorm statistics, logits, softmax, w = a/std, shift.
+3. `_aggregate_kernel`, one program per (window, chunk): pushes w back onto the footprint (omega = R^T w) and writes
+   agg[c] = omega . P for its channels.
+The C_aux-channel map is never built; one GEMM afterwards applies W_v (see folding.py for the algebra). Partials
+go to their own slots (no atomics), so results are deterministic.
 
 On the CPU this runs only under TRITON_INTERPRET=1 (how CI tests it).
 """
@@ -22,7 +27,8 @@ from .contract import MiningSpec
 from .folding import LN_EPS, fold_queries, footprints, output_views, project_values, window_sets
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-IDENT, GRAM, DENSE = 0, 1, 2  # how a stage's footprint becomes window-pixel statistics (see _stage_stats)
+CHUNK = 256  # channels per program
+BLOCK_C = 32  # channels per load inside a program
 
 
 @triton.jit
@@ -49,153 +55,80 @@ def _resampling(fw_ptr, row, col, F: tl.constexpr, FQ: tl.constexpr, M: tl.const
 
 
 @triton.jit
-def _load_tile(s_ptr, s_off, stride_c, c0, C_s, offs, ok, BC: tl.constexpr):
-    cc = c0 + tl.arange(0, BC)
-    raw = tl.load(s_ptr + s_off + offs[:, None] + cc[None, :] * stride_c, mask=ok[:, None] & (cc < C_s)[None, :],
-                  other=0.0)
-    return raw, cc
+def _window(tok_ptr, b_ptr, row_ptr, col_ptr):
+    w = tl.program_id(0)
+    return (tl.load(tok_ptr + w).to(tl.int64), tl.load(b_ptr + w).to(tl.int64), tl.load(row_ptr + w),
+            tl.load(col_ptr + w))
 
 
 @triton.jit
-def _stage_stats(s_ptr, s_off, sc, sy, sx, C_s, fw_ptr, fs_ptr, row, col, u_row, chan0, dot, sm, sq,
-                 F: tl.constexpr, FQ: tl.constexpr, MODE: tl.constexpr, M: tl.constexpr, MQ: tl.constexpr,
-                 BC: tl.constexpr, NATIVE_DOT: tl.constexpr, PREC: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """Adds this stage's share of u.h, sum(h), sum(h^2) to dot, sm, sq: (MQ*MQ,) each, one per window pixel.
-    IDENT: window pixels are footprint pixels. GRAM: accumulate u.P, sum(P) and the Gram matrix P P^T on the
-    footprint (tensor cores), then resample the scalars: sum(h^2) = diag(R G R^T). DENSE (large footprints):
-    resample each channel block to window pixels (h = R P) and accumulate directly."""
-    offs, ok = _footprint(fs_ptr, row, col, sy, sx, F, FQ)
-    FP: tl.constexpr = FQ * FQ
-    if MODE == 2:
+def _stats_kernel(s_ptr, s_b, s_c, s_y, s_x, C_s, fw_ptr, fs_ptr, tok_ptr, b_ptr, row_ptr, col_ptr,
+                  u_ptr, C_aux, chan0, part_ptr, n_chunks, chunk0,
+                  F: tl.constexpr, FQ: tl.constexpr, IDENT: tl.constexpr, M: tl.constexpr, MQ: tl.constexpr,
+                  CH: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
+    tok, b, row, col = _window(tok_ptr, b_ptr, row_ptr, col_ptr)
+    k = tl.program_id(1)
+    offs, ok = _footprint(fs_ptr, row, col, s_y, s_x, F, FQ)
+    if not IDENT:
         R = _resampling(fw_ptr, row, col, F, FQ, M, MQ)
-        acc_d = tl.zeros([MQ * MQ, BC], dtype=tl.float32)
-        acc_t = tl.zeros([MQ * MQ, BC], dtype=tl.float32)
-        acc_q = tl.zeros([MQ * MQ, BC], dtype=tl.float32)
-    else:
-        acc_d = tl.zeros([FP, BC], dtype=tl.float32)
-        acc_t = tl.zeros([FP, BC], dtype=tl.float32)
-        acc_q = tl.zeros([FP, BC], dtype=tl.float32)
-    gram = tl.zeros([FP, FP], dtype=tl.float32)
-    for c0 in tl.range(0, C_s, BC, num_stages=NUM_STAGES):
-        raw, cc = _load_tile(s_ptr, s_off, sc, c0, C_s, offs, ok, BC)
-        tile = raw.to(tl.float32)
-        uu = tl.load(u_row + chan0 + cc, mask=cc < C_s, other=0.0)[None, :]
-        if MODE == 2:
-            # Half inputs and the bilinear weights (multiples of 1/1024) are exact in tf32: exact products.
-            h = tl.dot(R, tile, input_precision=PREC)
-            acc_d += h * uu
-            acc_t += h
-            acc_q += h * h
+    acc_d = tl.zeros([MQ * MQ, BC], dtype=tl.float32)
+    acc_t = tl.zeros([MQ * MQ, BC], dtype=tl.float32)
+    acc_q = tl.zeros([MQ * MQ, BC], dtype=tl.float32)
+    for c0 in tl.range(k * CH, k * CH + CH, BC):
+        cc = c0 + tl.arange(0, BC)
+        cm = cc < C_s
+        tile = tl.load(s_ptr + b * s_b + offs[:, None] + cc[None, :] * s_c, mask=ok[:, None] & cm[None, :],
+                       other=0.0).to(tl.float32)
+        if IDENT:
+            h = tile  # footprint pixel p is window pixel p
         else:
-            acc_d += tile * uu
-            acc_t += tile
-            if MODE == 0:
-                acc_q += tile * tile
-            elif NATIVE_DOT:
-                gram = tl.dot(raw, tl.trans(raw), gram)  # half x half -> fp32: exact products
-            else:
-                gram = tl.dot(tile, tl.trans(tile), gram, input_precision=PREC)
-    d = tl.sum(acc_d, axis=1)
-    t = tl.sum(acc_t, axis=1)
-    if MODE == 1:
-        R = _resampling(fw_ptr, row, col, F, FQ, M, MQ)
-        sq += tl.sum(tl.dot(R, gram, input_precision=PREC) * R, axis=1)
-        dot += tl.sum(R * d[None, :], axis=1)
-        sm += tl.sum(R * t[None, :], axis=1)
-    else:
-        sq += tl.sum(acc_q, axis=1)
-        dot += d
-        sm += t
-    return dot, sm, sq
+            # Half maps and the bilinear weights (multiples of 1/1024) are exact in tf32: exact products.
+            h = tl.dot(R, tile, input_precision=PREC)
+        uu = tl.load(u_ptr + tok * C_aux + chan0 + cc, mask=cm, other=0.0)
+        acc_d += h * uu[None, :]
+        acc_t += h
+        acc_q += h * h
+    j = tl.arange(0, MQ * MQ)
+    out = part_ptr + ((tok * n_chunks + chunk0 + k) * 3) * (MQ * MQ) + j
+    tl.store(out, tl.sum(acc_d, axis=1))
+    tl.store(out + MQ * MQ, tl.sum(acc_t, axis=1))
+    tl.store(out + 2 * MQ * MQ, tl.sum(acc_q, axis=1))
 
 
 @triton.jit
-def _stage_aggregate(s_ptr, s_off, sc, sy, sx, C_s, fw_ptr, fs_ptr, row, col, agg_row, chan0, w,
-                     F: tl.constexpr, FQ: tl.constexpr, MODE: tl.constexpr, M: tl.constexpr, MQ: tl.constexpr,
-                     BC: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """agg[chan0 + c] = sum_j w_j h_j[c], computed on the footprint: omega = R^T w, agg = omega . P."""
-    offs, ok = _footprint(fs_ptr, row, col, sy, sx, F, FQ)
-    if MODE == 0:
+def _aggregate_kernel(s_ptr, s_b, s_c, s_y, s_x, C_s, fw_ptr, fs_ptr, tok_ptr, b_ptr, row_ptr, col_ptr,
+                      w_ptr, agg_ptr, C_aux, chan0,
+                      F: tl.constexpr, FQ: tl.constexpr, IDENT: tl.constexpr, M: tl.constexpr, MQ: tl.constexpr,
+                      CH: tl.constexpr, BC: tl.constexpr):
+    tok, b, row, col = _window(tok_ptr, b_ptr, row_ptr, col_ptr)
+    k = tl.program_id(1)
+    offs, ok = _footprint(fs_ptr, row, col, s_y, s_x, F, FQ)
+    w = tl.load(w_ptr + tok * (MQ * MQ) + tl.arange(0, MQ * MQ))
+    if IDENT:
         omega = w
     else:
-        omega = tl.sum(_resampling(fw_ptr, row, col, F, FQ, M, MQ) * w[:, None], axis=0)
-    for c0 in tl.range(0, C_s, BC, num_stages=NUM_STAGES):
-        raw, cc = _load_tile(s_ptr, s_off, sc, c0, C_s, offs, ok, BC)
-        tl.store(agg_row + chan0 + cc, tl.sum(raw.to(tl.float32) * omega[:, None], axis=0), mask=cc < C_s)
-
-
-@triton.jit
-def _mine_kernel(
-    u_ptr, usum_ptr, agg_ptr, shift_ptr, tok_ptr, b_ptr, row_ptr, col_ptr, C_aux,
-    s0, s0b, s0c, s0y, s0x, C0, fw0, fs0,
-    s1, s1b, s1c, s1y, s1x, C1, fw1, fs1,
-    s2, s2b, s2c, s2y, s2x, C2, fw2, fs2,
-    s3, s3b, s3c, s3y, s3x, C3, fw3, fs3,
-    F0: tl.constexpr, FQ0: tl.constexpr, MD0: tl.constexpr,
-    F1: tl.constexpr, FQ1: tl.constexpr, MD1: tl.constexpr,
-    F2: tl.constexpr, FQ2: tl.constexpr, MD2: tl.constexpr,
-    F3: tl.constexpr, FQ3: tl.constexpr, MD3: tl.constexpr,
-    M: tl.constexpr, MQ: tl.constexpr, BC: tl.constexpr, NATIVE_DOT: tl.constexpr, PREC: tl.constexpr,
-    EPS: tl.constexpr, NUM_STAGES: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    tok = tl.load(tok_ptr + pid).to(tl.int64)
-    b = tl.load(b_ptr + pid).to(tl.int64)
-    row = tl.load(row_ptr + pid)
-    col = tl.load(col_ptr + pid)
-    u_row = u_ptr + tok * C_aux
-    dot = tl.zeros([MQ * MQ], dtype=tl.float32)
-    sm = tl.zeros([MQ * MQ], dtype=tl.float32)
-    sq = tl.zeros([MQ * MQ], dtype=tl.float32)
-    dot, sm, sq = _stage_stats(s0, b * s0b, s0c, s0y, s0x, C0, fw0, fs0, row, col, u_row, 0, dot, sm, sq,
-                              F0, FQ0, MD0, M, MQ, BC, NATIVE_DOT, PREC, NUM_STAGES)
-    dot, sm, sq = _stage_stats(s1, b * s1b, s1c, s1y, s1x, C1, fw1, fs1, row, col, u_row, C0, dot, sm, sq,
-                              F1, FQ1, MD1, M, MQ, BC, NATIVE_DOT, PREC, NUM_STAGES)
-    dot, sm, sq = _stage_stats(s2, b * s2b, s2c, s2y, s2x, C2, fw2, fs2, row, col, u_row, C0 + C1, dot, sm, sq,
-                              F2, FQ2, MD2, M, MQ, BC, NATIVE_DOT, PREC, NUM_STAGES)
-    dot, sm, sq = _stage_stats(s3, b * s3b, s3c, s3y, s3x, C3, fw3, fs3, row, col, u_row, C0 + C1 + C2,
-                               dot, sm, sq,
-                              F3, FQ3, MD3, M, MQ, BC, NATIVE_DOT, PREC, NUM_STAGES)
-    # LayerNorm statistics over the C_aux channels of each window pixel, then the softmax over the window.
-    mean = sm / C_aux
-    var = tl.maximum(sq / C_aux - mean * mean, 0.0)
-    rstd = 1.0 / tl.sqrt(var + EPS)
-    x = rstd * (dot - mean * tl.load(usum_ptr + tok))
-    j = tl.arange(0, MQ * MQ)
-    x = tl.where(((j // MQ) < M) & ((j % MQ) < M), x, float("-inf"))
-    x = tl.exp(x - tl.max(x, axis=0))
-    w = x / tl.sum(x, axis=0) * rstd
-    tl.store(shift_ptr + tok, tl.sum(w * mean, axis=0))
-    agg_row = agg_ptr + tok * C_aux
-    _stage_aggregate(s0, b * s0b, s0c, s0y, s0x, C0, fw0, fs0, row, col, agg_row, 0, w,
-                     F0, FQ0, MD0, M, MQ, BC, NUM_STAGES)
-    _stage_aggregate(s1, b * s1b, s1c, s1y, s1x, C1, fw1, fs1, row, col, agg_row, C0, w,
-                     F1, FQ1, MD1, M, MQ, BC, NUM_STAGES)
-    _stage_aggregate(s2, b * s2b, s2c, s2y, s2x, C2, fw2, fs2, row, col, agg_row, C0 + C1, w,
-                     F2, FQ2, MD2, M, MQ, BC, NUM_STAGES)
-    _stage_aggregate(s3, b * s3b, s3c, s3y, s3x, C3, fw3, fs3, row, col, agg_row, C0 + C1 + C2, w,
-                     F3, FQ3, MD3, M, MQ, BC, NUM_STAGES)
+        omega = tl.sum(_resampling(fw_ptr, row, col, F, FQ, M, MQ) * w[:, None], axis=0)  # R^T w
+    for c0 in tl.range(k * CH, k * CH + CH, BC):
+        cc = c0 + tl.arange(0, BC)
+        cm = cc < C_s
+        tile = tl.load(s_ptr + b * s_b + offs[:, None] + cc[None, :] * s_c, mask=ok[:, None] & cm[None, :],
+                       other=0.0).to(tl.float32)
+        tl.store(agg_ptr + tok * C_aux + chan0 + cc, tl.sum(tile * omega[:, None], axis=0), mask=cm)
 
 
 def _pow2(n: int, lo: int = 1) -> int:
     return max(lo, triton.next_power_of_2(n))
 
 
-def _layout(size: int, identity: bool, M: int) -> tuple[int, int]:
-    """(FQ, MODE) for a footprint of side `size`: FQ*FQ must be >= 16 for tl.dot; big footprints go DENSE
-    because their Gram matrix would not fit in registers."""
-    fq = _pow2(size, 4)
-    if identity:
-        return _pow2(M, 4), IDENT
-    return fq, GRAM if fq * fq <= 64 else DENSE
-
-
 @functools.lru_cache(maxsize=32)
 def _device_tables(spec: MiningSpec, global_view: bool, device: torch.device) -> list[tuple]:
-    """Per stage: footprint weights (float32), starts (int32) on the device, and the kernel's constexprs."""
+    """Per stage: footprint weights (float32) and starts (int32) on the device, and (F, FQ, IDENT). The footprint
+    grid side FQ is a power of two >= 4 (tl.dot needs >= 16 footprint pixels); for stage 0 of the crops it equals
+    the window grid side so that footprint pixel p is window pixel p."""
     M = spec.window
-    return [(fp.weights.to(device=device, dtype=torch.float32).contiguous(), fp.start.to(device=device, dtype=torch.int32),
-             (fp.size, *_layout(fp.size, fp.identity, M)))
+    return [(fp.weights.to(device=device, dtype=torch.float32).contiguous(),
+             fp.start.to(device=device, dtype=torch.int32),
+             (fp.size, _pow2(M if fp.identity else fp.size, 4), fp.identity))
             for fp in footprints(spec, global_view)]
 
 
@@ -206,35 +139,43 @@ def _device_windows(spec: MiningSpec, device: torch.device) -> list[tuple[bool, 
 
 
 def launch_kernels(spec: MiningSpec, hr_stages: list[torch.Tensor], u: torch.Tensor, usum: torch.Tensor,
-                   agg: torch.Tensor, shift: torch.Tensor, *, block_c: int | None = None, num_warps: int = 8,
-                   num_stages: int = 2) -> None:
-    """Fill agg (T, C_aux) and shift (T,) for every window: one launch per view kind (crops, global).
-    block_c defaults to 32 channels per load, 16 where a stage is DENSE (its resampling matrix stays in
-    registers): sizes that compile without register spills on Hopper at 8 warps."""
-    dev = u.device
-    M = spec.window
-    # Half maps feed the Gram products to the tensor cores as they are (exact products, fp32 sums) -- except bf16
-    # under the CPU interpreter, whose bf16 tl.dot is wrong. fp32 maps use 3-pass tf32 (fp32-accurate) dots.
-    native_dot = spec.dtype == torch.float16 or (spec.dtype == torch.bfloat16 and not INTERPRET)
-    prec = "tf32x3" if spec.dtype == torch.float32 else "tf32"
+                   agg: torch.Tensor, shift: torch.Tensor, *, chunk: int = CHUNK, block_c: int = BLOCK_C,
+                   num_warps: int = 4) -> None:
+    """Fill agg (T, C_aux) and shift (T,) for every window."""
+    dev, M = u.device, spec.window
+    MQ = _pow2(M, 4)
+    prec = "tf32x3" if spec.dtype == torch.float32 else "tf32"  # tf32x3: fp32-accurate for fp32 maps
+    n_chunks = [-(-c // chunk) for c in spec.stage_channels]
+    first_chunk = [sum(n_chunks[:s]) for s in range(4)]
+    chan0 = [sum(spec.stage_channels[:s]) for s in range(4)]
+    part = torch.empty(u.shape[0], sum(n_chunks), 3, MQ * MQ, dtype=torch.float32, device=dev)
+    launches = []
     for global_view, idx in _device_windows(spec, dev):
-        stage_args, const_args = [], []
-        tables = _device_tables(spec, global_view, dev)
-        for st, (fw, fs, consts) in zip(hr_stages, tables):
-            stage_args += [st, st.stride(0), st.stride(1), st.stride(2), st.stride(3), st.shape[1], fw, fs]
-            const_args += list(consts)
-        bc = block_c or (16 if any(t[2][2] == DENSE for t in tables) else 32)
-        _mine_kernel[(idx[0].shape[0],)](
-            u, usum, agg, shift, *idx, spec.aux_channels, *stage_args, *const_args,
-            M=M, MQ=_pow2(M, 4), BC=bc, NATIVE_DOT=native_dot, PREC=prec, EPS=LN_EPS,
-            NUM_STAGES=num_stages, num_warps=num_warps,
-        )
+        for s, (st, (fw, fs, (F, FQ, ident))) in enumerate(zip(hr_stages, _device_tables(spec, global_view, dev))):
+            args = (st, st.stride(0), st.stride(1), st.stride(2), st.stride(3), st.shape[1], fw, fs, *idx)
+            consts = dict(F=F, FQ=FQ, IDENT=ident, M=M, MQ=MQ, CH=chunk, BC=block_c,
+                          num_warps=num_warps if FQ * FQ <= 64 else 2 * num_warps)  # big R: more registers
+            grid = (idx[0].shape[0], n_chunks[s])
+            _stats_kernel[grid](*args, u, spec.aux_channels, chan0[s], part, sum(n_chunks), first_chunk[s],
+                                PREC=prec, **consts)
+            launches.append((grid, args, chan0[s], consts))
+    dot, sm, sq = part.sum(1).unbind(1)  # (T, MQ*MQ) each
+    mean = sm / spec.aux_channels
+    rstd = torch.rsqrt((sq / spec.aux_channels - mean * mean).clamp_min(0) + LN_EPS)
+    logits = (rstd * (dot - mean * usum[:, None])).nan_to_num()  # nan_to_num as the official code does
+    j = torch.arange(MQ * MQ, device=dev)
+    logits = logits.masked_fill(((j // MQ >= M) | (j % MQ >= M))[None], float("-inf"))  # padding pixels
+    w = (logits.softmax(-1) * rstd).contiguous()
+    shift.copy_((w * mean).sum(-1))
+    for grid, args, c0, consts in launches:
+        _aggregate_kernel[grid](*args, w, agg, spec.aux_channels, c0, **consts)
 
 
 def mine_triton(lr_feats: torch.Tensor, hr_stages: list[torch.Tensor], weights: dict[str, torch.Tensor],
                 spec: MiningSpec, *, out_agg: torch.Tensor | None = None, out_shift: torch.Tensor | None = None,
-                block_c: int | None = None, num_warps: int = 8) -> torch.Tensor:
-    """out_agg/out_shift: optional preallocated (T, C_aux) / (T,) float32 buffers (tests poison them)."""
+                **launch_options) -> torch.Tensor:
+    """out_agg/out_shift: optional preallocated (T, C_aux) / (T,) float32 buffers (tests poison them);
+    launch_options: chunk, block_c, num_warps (see launch_kernels)."""
     if spec.dtype == torch.float64:
         raise ValueError("lr_feats: dtype float64 is not supported by impl='triton' (use 'torch' or 'reference')")
     dev = lr_feats.device
@@ -245,6 +186,6 @@ def mine_triton(lr_feats: torch.Tensor, hr_stages: list[torch.Tensor], weights: 
     T = x.shape[0]
     agg = out_agg if out_agg is not None else torch.empty(T, spec.aux_channels, dtype=torch.float32, device=dev)
     shift = out_shift if out_shift is not None else torch.empty(T, dtype=torch.float32, device=dev)
-    launch_kernels(spec, hr_stages, u, usum, agg, shift, block_c=block_c, num_warps=num_warps)
+    launch_kernels(spec, hr_stages, u, usum, agg, shift, **launch_options)
     out = x + project_values(agg, shift, weights, gemm)
     return out.to(spec.dtype).reshape(spec.batch, spec.views * spec.tokens, spec.channels)
