@@ -1,0 +1,23 @@
+"""The benchmarked vision front end: our path computes the official path's numbers (tiny towers, float64)."""
+
+import pytest
+import torch
+
+from engine.bench_encoder import build, hr_size
+
+TINY_CLIP = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_hidden_layers=3, image_size=56,
+                 patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+TINY_CONVNEXT = dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32))
+
+
+@pytest.mark.parametrize("layout", ["768px", "HD 1536px"])
+def test_ours_equals_official(layout):
+    fe = build(layout, "cpu", torch.float64, clip=TINY_CLIP, convnext=TINY_CONVNEXT, lm_hidden=48, seed=3)
+    hr = torch.randn(2, 3, hr_size(fe), hr_size(fe), dtype=torch.float64)
+    with torch.inference_mode():
+        ref, ours = fe.official(hr), fe.ours(hr)
+    views = 5 if layout.startswith("HD") else 1
+    assert ours.shape == ref.shape == (2, views * 16, 48)
+    assert ((ours - ref).norm() / ref.norm()).item() < 1e-10
+    # The full tower is back in place after `ours` borrowed a truncated one.
+    assert len(getattr(fe.clip, "vision_model", fe.clip).encoder.layers) == 3
