@@ -27,8 +27,10 @@ from .contract import MiningSpec
 from .folding import LN_EPS, fold_queries, footprints, output_views, project_values, window_sets
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-CHUNK = 256  # channels per program
-BLOCK_C = 32  # channels per load inside a program
+# Launch defaults: the fastest variant measured on an H200 (benchmarks/kernels_gpu.json, "variants").
+CHUNK = 128  # channels per program
+BLOCK_C = 16  # channels per load inside a program
+NUM_WARPS = 2  # x4 for footprints of more than 64 pixels (their resampling matrix needs the registers)
 
 
 @triton.jit
@@ -140,7 +142,7 @@ def _device_windows(spec: MiningSpec, device: torch.device) -> list[tuple[bool, 
 
 def launch_kernels(spec: MiningSpec, hr_stages: list[torch.Tensor], u: torch.Tensor, usum: torch.Tensor,
                    agg: torch.Tensor, shift: torch.Tensor, *, chunk: int = CHUNK, block_c: int = BLOCK_C,
-                   num_warps: int = 4) -> None:
+                   num_warps: int = NUM_WARPS) -> None:
     """Fill agg (T, C_aux) and shift (T,) for every window."""
     dev, M = u.device, spec.window
     MQ = _pow2(M, 4)
@@ -154,7 +156,7 @@ def launch_kernels(spec: MiningSpec, hr_stages: list[torch.Tensor], u: torch.Ten
         for s, (st, (fw, fs, (F, FQ, ident))) in enumerate(zip(hr_stages, _device_tables(spec, global_view, dev))):
             args = (st, st.stride(0), st.stride(1), st.stride(2), st.stride(3), st.shape[1], fw, fs, *idx)
             consts = dict(F=F, FQ=FQ, IDENT=ident, M=M, MQ=MQ, CH=chunk, BC=block_c,
-                          num_warps=num_warps if FQ * FQ <= 64 else 2 * num_warps)  # big R: more registers
+                          num_warps=num_warps if FQ * FQ <= 64 else 4 * num_warps)  # big R: more registers
             grid = (idx[0].shape[0], n_chunks[s])
             _stats_kernel[grid](*args, u, spec.aux_channels, chan0[s], part, sum(n_chunks), first_chunk[s],
                                 PREC=prec, **consts)
