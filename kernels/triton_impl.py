@@ -180,6 +180,8 @@ def mine_triton(lr_feats: torch.Tensor, hr_stages: list[torch.Tensor], weights: 
     launch_options: chunk, block_c, num_warps (see launch_kernels)."""
     if spec.dtype == torch.float64:
         raise ValueError("lr_feats: dtype float64 is not supported by impl='triton' (use 'torch' or 'reference')")
+    if not lr_feats.is_cuda and not INTERPRET:
+        raise ValueError("lr_feats: impl='triton' needs CUDA tensors (on the CPU only under TRITON_INTERPRET=1)")
     dev = lr_feats.device
     x = output_views(lr_feats, spec).reshape(-1, spec.channels).float()
     # Half inputs: the two projections run as half GEMMs on the tensor cores, like the official fp16 path.
