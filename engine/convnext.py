@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 LN_EPS = 1e-6  # timm ConvNeXt uses 1e-6 for every norm
+# The block MLP is pointwise, so it runs in slabs of rows: its 4x-wide hidden activations would otherwise set the
+# tower's peak memory (768 x 384 x 384 values per HD image at stage 0).
+PIXELS_PER_SLAB = 16384
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -54,9 +57,16 @@ class ConvNeXtBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
-        x = self.conv_dw(x).permute(0, 2, 3, 1)  # NHWC so LN and the MLP act on channels
-        x = self.mlp(self.norm(x)) * self.gamma
-        return x.permute(0, 3, 1, 2) + shortcut
+        y = self.conv_dw(x).permute(0, 2, 3, 1)  # NHWC so LN and the MLP act on channels
+        B, H, W, _ = y.shape
+        rows = max(1, PIXELS_PER_SLAB // (B * W))
+        if rows >= H:
+            out = self.mlp(self.norm(y)) * self.gamma
+        else:
+            out = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+            for r in range(0, H, rows):
+                out[:, r:r + rows] = self.mlp(self.norm(y[:, r:r + rows])) * self.gamma
+        return out.permute(0, 3, 1, 2) + shortcut
 
 
 class ConvNeXtStage(nn.Module):

@@ -21,3 +21,16 @@ def test_ours_equals_official(layout):
     assert ((ours - ref).norm() / ref.norm()).item() < 1e-10
     # The full tower is back in place after `ours` borrowed a truncated one.
     assert len(getattr(fe.clip, "vision_model", fe.clip).encoder.layers) == 3
+
+
+def test_convnext_slabs_match_whole_map(monkeypatch):
+    """The row-slab MLP (memory bound for HD) computes the same numbers as one pass over the map."""
+    import engine.convnext as cnx
+    tower = cnx.ConvNeXtTower(**TINY_CONVNEXT).double()
+    x = torch.randn(2, 3, 96, 96, dtype=torch.float64)
+    with torch.inference_mode():
+        whole = tower(x)
+        monkeypatch.setattr(cnx, "PIXELS_PER_SLAB", 50)  # forces several slabs, with a ragged last one
+        slabs = tower(x)
+    for a, b in zip(whole, slabs):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
