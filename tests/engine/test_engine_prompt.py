@@ -13,8 +13,10 @@ from engine.prompt import (
     chat_template,
     choose_template,
     content_to_text,
+    adds_bos,
     expand_image_tokens,
     render_prompt,
+    retokenize_official,
     stop_strings,
     stop_token_ids,
     tokenize_official,
@@ -240,3 +242,51 @@ def test_tokenize_official_gemma_like(tiny_tokenizer):
 
 def test_expand_image_tokens():
     assert expand_image_tokens([1, IMAGE_TOKEN_INDEX, 5], 3, placeholder_id=0) == [1, 0, 0, 0, 5]
+
+
+# ---- retokenize_official: official ids rebuilt from a one-pass tokenisation (what vLLM hands the processor) ----
+
+RETOKENIZE_PROMPTS = [
+    *FIRST_TURN.values(),
+    *SECOND_TURN.values(),
+    "<image>\n<image>\nCompare the two pictures.",  # leading and adjacent images
+    "Before <image> between<image>after, tabs\tand  double  spaces\n\n",
+    "Ünïcödé 日本語 🙂 <image>\n</s> literal specials <s> and <unk> in text",
+    "no image at all",
+]
+
+
+@pytest.mark.parametrize("backbone", ["llama", "gemma"])
+@pytest.mark.parametrize("prompt", RETOKENIZE_PROMPTS, ids=range(len(RETOKENIZE_PROMPTS)))
+def test_retokenize_official_from_one_pass_ids(tiny_tokenizer, backbone, prompt):
+    tok = tiny_tokenizer(backbone)
+    expected = tokenize_official(tok, prompt)[0]
+    with_bos = tok(prompt).input_ids  # vLLM completions / LLM.generate: add_special_tokens=True
+    without_bos = tok(prompt, add_special_tokens=False).input_ids  # vLLM's OpenAI chat default
+    assert retokenize_official(tok, with_bos) == expected
+    assert retokenize_official(tok, without_bos) == expected
+    assert retokenize_official(tok, with_bos, image_token_id=-7) == [(-7 if i == IMAGE_TOKEN_INDEX else i) for i in expected]
+
+
+def test_retokenize_official_bos_written_in_text(tiny_tokenizer):
+    tok = tiny_tokenizer("llama")
+    prompt = "<s>USER: <image>\nhi ASSISTANT:"
+    # With the tokenizer's BOS in front, a "<s>" written in the text stays: the official double BOS.
+    assert retokenize_official(tok, tok(prompt).input_ids) == tokenize_official(tok, prompt)[0]
+    assert tokenize_official(tok, prompt)[0][:2] == [1, 1]
+    # Without it the leading BOS id is indistinguishable from the tokenizer's own and counts as that (documented).
+    without = tok(prompt, add_special_tokens=False).input_ids
+    assert retokenize_official(tok, without) == tokenize_official(tok, prompt.removeprefix("<s>"))[0]
+
+
+def test_retokenize_official_differs_from_one_pass(tiny_tokenizer):
+    # The whole point: the one-pass ids of the text around an image are not the official ones.
+    tok = tiny_tokenizer("llama")
+    prompt = FIRST_TURN["vicuna_v1"]
+    official = [i for i in retokenize_official(tok, tok(prompt).input_ids) if i != IMAGE_TOKEN_INDEX]
+    assert official != tok(prompt.replace("<image>", "")).input_ids
+
+
+def test_adds_bos(tiny_tokenizer):
+    assert adds_bos(tiny_tokenizer("llama")) and adds_bos(tiny_tokenizer("gemma"))
+    assert not adds_bos(CharTokenizer(bos=None))
