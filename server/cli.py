@@ -256,11 +256,26 @@ def _path_hash(path: Path) -> str:
     return hashlib.sha256(str(path).encode()).hexdigest()[:16]
 
 
+# --- SDXL (options and handlers live in server/sdxl/cli.py) ---------------------------------------------------------
+
+
+def _add_build_tiny_sdxl(sub: argparse._SubParsersAction) -> None:
+    from server.sdxl.cli import add_build_tiny_sdxl
+
+    add_build_tiny_sdxl(sub, _common_options(suppress=True), _env)
+
+
+def _add_sdxl_worker(sub: argparse._SubParsersAction) -> None:
+    from server.sdxl.cli import add_sdxl_worker
+
+    add_sdxl_worker(sub, _common_options(suppress=True), _env)
+
+
 # --- entry point ----------------------------------------------------------------------------------------------------
 
 #: Subcommand registrars, in help order.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_build_tiny, _add_engine]
+    _add_build_tiny, _add_engine, _add_build_tiny_sdxl, _add_sdxl_worker]
 
 
 def _common_options(*, suppress: bool) -> argparse.ArgumentParser:

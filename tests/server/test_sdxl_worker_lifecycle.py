@@ -1,0 +1,114 @@
+"""The worker app in this process (real pipeline, real uvicorn on loopback in a thread) for the paths the shared
+child-process worker cannot reach: requests while the pipeline loads, the job timeout, and stopping with jobs
+queued and running. Tests run in file order (the first needs the pipeline still loading, the last stops the
+worker); each one that needs a ready worker opens the gate itself, so any subset runs.
+
+Settings: one image per batch and per request, one waiting job, 1 s job timeout, no warm-up. The pipeline load is
+held back by a gate around the real ``SDXLRunner`` until the first test has seen the loading state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from sdxl_live import SLOW, SMALL, assert_error, free_port, metric, wait_for
+from server.sdxl.pipeline import SDXLRunner
+from server.sdxl.worker import WorkerConfig, create_app
+
+
+@pytest.fixture(scope="module")
+def local_worker(tiny_sdxl):
+    import uvicorn
+
+    gate = threading.Event()
+
+    def gated_runner(options):
+        gate.wait(60)
+        return SDXLRunner(options)
+
+    config = WorkerConfig(model=tiny_sdxl, threads=1, max_batch=1, max_queue=1, job_timeout_s=1.0, warmup_steps=0,
+                          batch_wait_s=0.0)
+    app = create_app(config, runner_factory=gated_runner)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
+                                           timeout_graceful_shutdown=5))
+    threads = torch.get_num_threads()  # SDXLRunner(threads=1) sets this process-wide; restored below
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:  # bounded by the deadline
+        assert thread.is_alive() and time.monotonic() < deadline, "in-process worker did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", gate, app.state.worker
+    finally:
+        gate.set()
+        server.should_exit = True
+        thread.join(30)
+        torch.set_num_threads(threads)
+
+
+def _open_gate(url: str, gate: threading.Event) -> None:
+    gate.set()
+    deadline = time.monotonic() + 60
+    while httpx.get(url + "/ready").status_code != 200:  # bounded by the deadline
+        assert time.monotonic() < deadline, "worker never became ready"
+        time.sleep(0.05)
+
+
+def test_requests_while_loading_get_503(local_worker):
+    url, gate, _worker = local_worker
+    assert httpx.get(url + "/health").json() == {"status": "ok", "state": "loading"}
+    assert_error(httpx.get(url + "/ready"), 503, code="not_ready")
+    unavailable = metric(url, "mgm_sdxl_jobs_total", outcome="unavailable")
+    r = httpx.post(url + "/v1/generate", json=SMALL)
+    err = assert_error(r, 503, code="not_ready")
+    assert err["type"] == "server_error" and int(r.headers["retry-after"]) >= 1
+    assert metric(url, "mgm_sdxl_jobs_total", outcome="unavailable") == unavailable + 1
+    assert metric(url, "mgm_sdxl_ready") == 0
+
+    _open_gate(url, gate)
+    assert httpx.post(url + "/v1/generate", json=SMALL, timeout=30).status_code == 200
+    assert_error(httpx.post(url + "/v1/generate", json={**SMALL, "n": 2}), 400, param="n")  # --max-batch 1
+
+
+def test_job_timeout_is_a_504_and_frees_the_slot(local_worker):
+    url, gate, _worker = local_worker
+    _open_gate(url, gate)
+    timeouts = metric(url, "mgm_sdxl_jobs_total", outcome="timeout")
+    start = time.monotonic()
+    r = httpx.post(url + "/v1/generate", json=SLOW, timeout=60)
+    assert_error(r, 504, code="timeout")
+    assert time.monotonic() - start < 10
+    deadline = time.monotonic() + 30
+    while metric(url, "mgm_sdxl_in_flight_jobs") != 0:  # the running batch stops at its next step
+        assert time.monotonic() < deadline, "timed-out job kept running"
+        time.sleep(0.05)
+    assert metric(url, "mgm_sdxl_jobs_total", outcome="timeout") == timeouts + 1
+    assert httpx.post(url + "/v1/generate", json=SMALL, timeout=30).status_code == 200
+
+
+def test_stop_fails_waiting_and_running_jobs_with_503(local_worker):
+    url, gate, worker = local_worker
+    _open_gate(url, gate)
+
+    async def scenario() -> None:
+        shutdowns = metric(url, "mgm_sdxl_jobs_total", outcome="shutdown")
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            running = asyncio.create_task(client.post("/v1/generate", json={**SLOW, "num_inference_steps": 50}))
+            await wait_for(url, "mgm_sdxl_in_flight_jobs", lambda v: v == 1)
+            waiting = asyncio.create_task(client.post("/v1/generate", json=SMALL))
+            await wait_for(url, "mgm_sdxl_queue_depth", lambda v: v == 1)
+            await asyncio.to_thread(worker.stop)
+            for r in await asyncio.gather(running, waiting):
+                assert_error(r, 503, code="shutting_down")
+            assert metric(url, "mgm_sdxl_jobs_total", outcome="shutdown") == shutdowns + 2
+            assert_error(await client.post("/v1/generate", json=SMALL), 503, code="not_ready")
+            assert httpx.get(url + "/health").status_code == 503  # the inference thread has ended
+
+    asyncio.run(scenario())
