@@ -31,12 +31,14 @@ serve: $(STAMP)
 	@$(PY) -m server.serve_placeholder
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check --quiet engine kernels server loadtests tests
 	$(PY) -m pytest
 
 # CPU benchmarks run here; GPU sections are re-rendered from the stored results of the GPU check scripts.
 bench: $(STAMP)
 	$(PY) -m kernels.bench --out BENCHMARKS.md
 	$(PY) -m engine.bench_encoder --out BENCHMARKS.md
+	$(PY) -m loadtests.engine_throughput --out BENCHMARKS.md
 	$(PY) -m kernels.gpu_report --out BENCHMARKS.md
 
 clean:

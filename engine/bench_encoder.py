@@ -191,7 +191,6 @@ def gpu_images_per_s(dtype: torch.dtype) -> list[dict]:
             rows.append({"layout": layout, "batch": batch, "path": path, "ms": ms, "images_per_s": batch / ms * 1e3,
                          "peak_mb": peak, "device": torch.cuda.get_device_name(), "dtype": str(dtype)})
             print(json.dumps(rows[-1]), flush=True)
-        del fe, hr
         torch.cuda.empty_cache()
     return rows
 

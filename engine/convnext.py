@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.reference import concat_stages  # noqa: F401  (the official 2880-channel map, for parity tests)
+
 LN_EPS = 1e-6  # timm ConvNeXt uses 1e-6 for every norm
 # The block MLP is pointwise, so it runs in slabs of rows: its 4x-wide hidden activations would otherwise set the
 # tower's peak memory (768 x 384 x 384 values per HD image at stage 0).
@@ -121,15 +123,3 @@ class ConvNeXtTower(nn.Module):
             x = stage(x)
             outputs.append(x)
         return outputs
-
-
-def concat_stages(stages: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The official 2880-channel map: stages 1.. upsampled (bilinear, fp32) to stage 0 and concatenated.
-
-    Reference/parity helper only (mgm.md §3.2) — the serving path never materialises this tensor.
-    """
-    size = stages[0].shape[-2:]
-    ups = [stages[0]] + [
-        F.interpolate(s.float(), size=size, mode="bilinear", align_corners=False).to(s.dtype) for s in stages[1:]
-    ]
-    return torch.cat(ups, dim=1)

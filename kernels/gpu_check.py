@@ -94,7 +94,6 @@ def timings(results: dict, bw: float) -> None:
         row["bw_frac_kernel_only"] = fb / (min(row["kernel_ms"], row["kernel_cl_ms"]) * 1e-3) / bw
         results["timings"].append(row)
         log(json.dumps(row))
-        del lr, st, st_cl, w, u, agg
 
 
 def variants(results: dict, bw: float) -> None:
