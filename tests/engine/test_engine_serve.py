@@ -150,6 +150,17 @@ def test_openai_server_image_chat(tiny_checkpoint, tiny_tokenizer, tmp_path):
         official = expand_image_tokens(tokenize_official(tok, prompt)[0], 16, tok.unk_token_id)
         assert reply["prompt_token_ids"] == official
 
+        # Text only: no processor runs, and vLLM's chat path adds no BOS by default; with add_special_tokens (what
+        # the gateway sends) the ids are the official ones. A BOS written by the template would not do: the text
+        # after a special token is tokenised without SentencePiece's leading space.
+        status, reply = _post(base + "/v1/chat/completions", {
+            "model": str(model), "messages": [{"role": "user", "content": "What is this?"}],
+            "max_tokens": 1, "temperature": 0, "return_token_ids": True, "add_special_tokens": True})
+        assert status == 200, reply
+        text_prompt = render_prompt([{"role": "user", "content": "What is this?"}], "vicuna_v1")
+        assert reply["prompt_token_ids"] == tokenize_official(tok, text_prompt)[0]
+        assert reply["prompt_token_ids"][0] == tok.bos_token_id
+
         status, reply = _post(base + "/v1/chat/completions", {
             "model": str(model), "max_tokens": 1,
             "messages": [{"role": "user", "content": [content[0]] * 3 + [content[1]]}]})
