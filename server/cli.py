@@ -97,16 +97,23 @@ def _add_build_tiny(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run_build_tiny)
 
 
+def output_dir_usable(out: Path, force: bool) -> bool:
+    """A checkpoint builder writes into a new or empty directory (or any directory with --force); logs why not."""
+    if out.exists() and not out.is_dir():
+        logger.error("output path exists and is not a directory", extra={"fields": {"out": str(out)}})
+        return False
+    if out.is_dir() and any(out.iterdir()) and not force:
+        logger.error("output directory is not empty (use --force)", extra={"fields": {"out": str(out)}})
+        return False
+    return True
+
+
 def _run_build_tiny(args: argparse.Namespace) -> int:
     out: Path = args.out
     if args.backbone not in _BACKBONES:  # an env default bypasses argparse's choices check
         logger.error("unknown backbone (from $MGM_TINY_BACKBONE?)", extra={"fields": {"backbone": args.backbone}})
         return 2
-    if out.exists() and not out.is_dir():
-        logger.error("output path exists and is not a directory", extra={"fields": {"out": str(out)}})
-        return 2
-    if out.is_dir() and any(out.iterdir()) and not args.force:
-        logger.error("output directory is not empty (use --force)", extra={"fields": {"out": str(out)}})
+    if not output_dir_usable(out, args.force):
         return 2
     from engine.tiny import build_tiny  # heavy: torch, transformers, tokenizers
 

@@ -37,11 +37,9 @@ def add_build_tiny_sdxl(sub: argparse._SubParsersAction, common: argparse.Argume
 
 def run_build_tiny_sdxl(args: argparse.Namespace) -> int:
     out: Path = args.out
-    if out.exists() and not out.is_dir():
-        logger.error("output path exists and is not a directory", extra={"fields": {"out": str(out)}})
-        return 2
-    if out.is_dir() and any(out.iterdir()) and not args.force:
-        logger.error("output directory is not empty (use --force)", extra={"fields": {"out": str(out)}})
+    from server.cli import output_dir_usable
+
+    if not output_dir_usable(out, args.force):
         return 2
     from server.sdxl.pipeline import route_library_logs
     from server.sdxl.tiny import build_tiny_sdxl  # heavy: torch, diffusers, transformers
