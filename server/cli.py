@@ -278,11 +278,20 @@ def _add_sdxl_worker(sub: argparse._SubParsersAction) -> None:
     add_sdxl_worker(sub, _common_options(suppress=True), _env)
 
 
+# --- gateway (options and handler live in server/gateway/cli.py) -----------------------------------------------------
+
+
+def _add_gateway(sub: argparse._SubParsersAction) -> None:
+    from server.gateway.cli import add_gateway
+
+    add_gateway(sub, _common_options(suppress=True), _env)
+
+
 # --- entry point ----------------------------------------------------------------------------------------------------
 
 #: Subcommand registrars, in help order.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_build_tiny, _add_engine, _add_build_tiny_sdxl, _add_sdxl_worker]
+    _add_build_tiny, _add_engine, _add_build_tiny_sdxl, _add_sdxl_worker, _add_gateway]
 
 
 def _common_options(*, suppress: bool) -> argparse.ArgumentParser:

@@ -1,0 +1,458 @@
+"""The gateway's FastAPI app: ``/health``, ``/ready``, ``/v1/models``, ``/metrics``, ``POST /v1/chat/completions``.
+
+Chat requests are validated (:mod:`server.gateway.schemas`), remote images are fetched and inlined as data URLs
+(:mod:`server.gateway.images`), and the request goes to the up engine with the fewest requests in flight. An engine
+that cannot be reached before anything was sent to the client is marked down (re-probed in the background) and the
+request moves to the next engine; with none left the answer is 503 with ``retry-after``. Streams are passed on event
+by event as the engine sends them; an engine failure mid-stream ends the stream with an SSE ``error`` event.
+
+Streaming: the gateway always asks the engine for the usage chunk (token metrics) and drops it again when the client
+did not ask for ``stream_options.include_usage``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+
+from server.gateway import errors
+from server.gateway.auth import check_bearer
+from server.gateway.config import GatewayConfig
+from server.gateway.errors import APIError
+from server.gateway.images import Resolver, check_data_url, fetch_image, system_resolver
+from server.gateway.metrics import GatewayMetrics
+from server.gateway.routing import Engine, EnginePool
+from server.gateway.schemas import ChatCompletionRequest
+
+logger = logging.getLogger("mgm.gateway")
+
+ROUTES = ("/health", "/ready", "/metrics", "/v1/models", "/v1/chat/completions")
+_RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+
+class MetricsMiddleware:
+    """Pure ASGI: counts every response by route and status and times it to its last byte (streams included)."""
+
+    def __init__(self, app: Any, metrics: GatewayMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        status = 500
+        start = time.perf_counter()
+
+        async def _send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        gauge = self.metrics.in_flight.labels(route)
+        gauge.inc()
+        try:
+            await self.app(scope, receive, _send)
+        finally:
+            gauge.dec()
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig, resolver: Resolver = system_resolver) -> None:
+        self.config = config
+        self.resolver = resolver
+        self.metrics = GatewayMetrics()
+        self.client: httpx.AsyncClient | None = None
+        self.pool: EnginePool | None = None
+        self.created = int(time.time())
+
+    async def start(self) -> None:
+        timeout = httpx.Timeout(self.config.request_timeout_s, connect=self.config.connect_timeout_s)
+        self.client = httpx.AsyncClient(timeout=timeout, trust_env=False,
+                                        limits=httpx.Limits(max_connections=1024, max_keepalive_connections=128))
+        self.pool = EnginePool(self.config.engines, self.client, probe_interval_s=self.config.probe_interval_s,
+                               on_change=self._engine_changed)
+        await self.pool.probe_all()
+        logger.info("gateway started", extra={"fields": {
+            "engines": ",".join(self.config.engines), "up": sum(e.up for e in self.pool.engines),
+            "models": ",".join(self.pool.models()), "auth": bool(self.config.api_keys),
+            "allow_loopback_images": self.config.images.allow_loopback}})
+
+    async def stop(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+        if self.client is not None:
+            await self.client.aclose()
+
+    def _engine_changed(self, engine: Engine) -> None:
+        self.metrics.engine_up.labels(engine.url).set(1 if engine.up else 0)
+        self.metrics.engine_in_flight.labels(engine.url).set(engine.in_flight)
+
+    # --- models ----------------------------------------------------------------------------------------------------
+
+    def chat_model_ids(self) -> list[str]:
+        """The alias (if any) and the engines' own ids; empty while no engine has answered yet."""
+        assert self.pool is not None
+        engine_ids = self.pool.models()
+        if not engine_ids:
+            return []
+        return list(dict.fromkeys(([self.config.model_name] if self.config.model_name else []) + engine_ids))
+
+    def model_ids(self) -> list[str]:
+        assert self.pool is not None
+        ids = ([self.config.model_name] if self.config.model_name else []) + self.pool.models()
+        if self.config.sdxl_workers:
+            ids.append(self.config.image_model_name)
+        return list(dict.fromkeys(ids))
+
+    # --- chat ------------------------------------------------------------------------------------------------------
+
+    async def inline_images(self, body: dict[str, Any]) -> None:
+        """Replace every http(s) image URL in ``body`` by a data URL fetched under the image policy."""
+        policy = self.config.images
+        jobs: list[tuple[dict[str, Any], str, str]] = []
+        count = 0
+        for i, message in enumerate(body["messages"]):
+            content = message.get("content")
+            if not isinstance(content, list):
+                continue
+            for j, part in enumerate(content):
+                if part.get("type") != "image_url":
+                    continue
+                count += 1
+                url = part["image_url"]["url"]
+                param = f"messages[{i}].content[{j}].image_url.url"
+                if url[:5].lower() == "data:":
+                    try:
+                        check_data_url(url, policy)
+                    except APIError as exc:
+                        exc.param = param
+                        raise
+                else:
+                    jobs.append((part["image_url"], url, param))
+        if count > policy.max_images_per_request:
+            raise APIError(400, f"At most {policy.max_images_per_request} images per request.", param="messages",
+                           code="too_many_images")
+        results = await asyncio.gather(*(fetch_image(url, policy, self.resolver) for _, url, _ in jobs),
+                                       return_exceptions=True)
+        for (holder, _url, param), result in zip(jobs, results):
+            if isinstance(result, BaseException):
+                self.metrics.image_fetches.labels("refused" if isinstance(result, APIError) else "error").inc()
+                if isinstance(result, APIError):
+                    result.param = param
+                    raise result
+                raise result
+            self.metrics.image_fetches.labels("ok").inc()
+            holder["url"] = result
+
+    def _take(self, engine: Engine) -> None:
+        engine.in_flight += 1
+        self.metrics.engine_in_flight.labels(engine.url).set(engine.in_flight)
+
+    def _release(self, engine: Engine) -> None:
+        engine.in_flight -= 1
+        self.metrics.engine_in_flight.labels(engine.url).set(engine.in_flight)
+
+    async def open_upstream(self, body: dict[str, Any], tried: set[Engine]) -> tuple[Engine, httpx.Response]:
+        """Send ``body`` to the least loaded engine not in ``tried``; connection failures mark it down and move on
+        (each engine at most once per request). The caller owns the returned response and the engine's slot."""
+        assert self.pool is not None and self.client is not None
+        while True:  # bounded: every engine at most once
+            engine = self.pool.pick(tried)
+            if engine is None:
+                raise APIError(503, "No inference engine is available; retry shortly.", type_="server_error",
+                               code="engine_unavailable", headers={"retry-after": str(self.config.retry_after_s)})
+            tried.add(engine)
+            payload = dict(body)
+            if self.config.model_name and payload["model"] == self.config.model_name and engine.models:
+                payload["model"] = engine.models[0]
+            self._take(engine)
+            try:
+                request = self.client.build_request("POST", engine.url + "/v1/chat/completions", json=payload)
+                return engine, await self.client.send(request, stream=True)
+            except _RETRYABLE as exc:
+                self._release(engine)
+                self._failed(engine, exc)
+            except httpx.TimeoutException:
+                self._release(engine)
+                raise _timeout() from None
+            except BaseException:
+                self._release(engine)
+                raise
+
+    def _failed(self, engine: Engine, exc: Exception) -> None:
+        """Nothing reached the client yet: mark the engine down; the caller tries the next one."""
+        assert self.pool is not None
+        self.pool.mark_down(engine, type(exc).__name__)
+        self.metrics.engine_retries.inc()
+
+    def _count_usage(self, usage: Any) -> None:
+        if isinstance(usage, dict):
+            self.metrics.tokens.labels("prompt").inc(int(usage.get("prompt_tokens") or 0))
+            self.metrics.tokens.labels("completion").inc(int(usage.get("completion_tokens") or 0))
+
+    async def _error_body(self, engine: Engine, upstream: httpx.Response) -> APIError:
+        try:
+            raw = await upstream.aread()
+            payload = json.loads(raw)
+        except (httpx.HTTPError, ValueError):
+            payload = None
+        finally:
+            await upstream.aclose()
+            self._release(engine)
+        return errors.normalize_upstream(upstream.status_code, payload)
+
+    async def complete(self, body: dict[str, Any]) -> Response:
+        tried: set[Engine] = set()
+        while True:  # bounded by open_upstream: every engine at most once
+            engine, upstream = await self.open_upstream(body, tried)
+            if upstream.status_code != 200:
+                raise await self._error_body(engine, upstream)
+            try:
+                raw = await upstream.aread()
+            except _RETRYABLE as exc:  # the engine died before the answer was complete: try the next one
+                self._failed(engine, exc)
+                continue
+            except httpx.TimeoutException:
+                raise _timeout() from None
+            except httpx.HTTPError:
+                raise _engine_error("The engine failed while answering.") from None
+            finally:
+                await upstream.aclose()
+                self._release(engine)
+            try:
+                payload = json.loads(raw)
+            except ValueError:
+                raise _engine_error("The engine sent an invalid response.") from None
+            self._count_usage(payload.get("usage") if isinstance(payload, dict) else None)
+            return JSONResponse(payload)
+
+    async def stream(self, body: dict[str, Any], include_usage: bool) -> Response:
+        """Open a stream on an engine and wait for its first event before answering, so that an engine failing
+        before then is retried elsewhere; after that, events pass through as they arrive."""
+        body = {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
+        tried: set[Engine] = set()
+        state: dict[str, Any] = {"start": time.perf_counter(), "first": None}
+        while True:  # bounded by open_upstream: every engine at most once
+            engine, upstream = await self.open_upstream(body, tried)
+            if upstream.status_code != 200:
+                raise await self._error_body(engine, upstream)
+            closer = _Closer(self, engine, upstream)
+            events = _sse_events(upstream)
+            try:
+                first: bytes | None = await anext(events)
+            except StopAsyncIteration:
+                first = None
+            except _RETRYABLE as exc:
+                await closer()
+                self._failed(engine, exc)
+                continue
+            except httpx.TimeoutException:
+                await closer()
+                raise _timeout() from None
+            except BaseException:
+                await closer()
+                raise
+            relay = self._relay(engine, events, first, include_usage, state, closer)
+            return _ClosingStream(relay, closer, media_type="text/event-stream",
+                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+    def _event(self, event: bytes, include_usage: bool, state: dict[str, Any]) -> bytes | None:
+        """Inspect one SSE event for metrics; None drops it (the usage chunk the client did not ask for)."""
+        for line in event.splitlines():
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                return event
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                return event
+            if not isinstance(chunk, dict):
+                return event
+            if chunk.get("choices") and state["first"] is None:
+                state["first"] = time.perf_counter()
+                self.metrics.ttft.observe(state["first"] - state["start"])
+            if chunk.get("usage") and not chunk.get("choices"):
+                self._count_usage(chunk["usage"])
+                return event if include_usage else None
+        return event
+
+    async def _relay(self, engine: Engine, events: AsyncIterator[bytes], first: bytes | None, include_usage: bool,
+                     state: dict[str, Any], closer: _Closer) -> AsyncIterator[bytes]:
+        try:
+            if first is not None and (out := self._event(first, include_usage, state)) is not None:
+                yield out
+            if first is not None:
+                async for event in events:  # ends with the engine's stream
+                    if (out := self._event(event, include_usage, state)) is not None:
+                        yield out
+        except httpx.HTTPError as exc:
+            assert self.pool is not None
+            if isinstance(exc, _RETRYABLE):
+                self.pool.mark_down(engine, type(exc).__name__)
+            logger.warning("engine failed mid-stream", extra={"fields": {"engine": engine.url,
+                                                                            "error": type(exc).__name__}})
+            err = _engine_error("The engine failed while streaming the answer.")
+            yield b"event: error\ndata: " + json.dumps(err.body()).encode() + b"\n\n"
+        finally:
+            await closer()
+
+
+class _Closer:
+    """Closes the engine response and frees the engine slot exactly once (from the relay or the response)."""
+
+    def __init__(self, gateway: Gateway, engine: Engine, upstream: httpx.Response) -> None:
+        self.gateway, self.engine, self.upstream, self.done = gateway, engine, upstream, False
+
+    async def __call__(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        try:
+            await self.upstream.aclose()
+        finally:
+            self.gateway._release(self.engine)
+
+
+class _ClosingStream(StreamingResponse):
+    """A StreamingResponse that frees the engine even when its body iterator never starts (client gone early)."""
+
+    def __init__(self, content: AsyncIterator[bytes], closer: _Closer, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.closer = closer
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.closer()
+
+
+async def _sse_events(upstream: httpx.Response) -> AsyncIterator[bytes]:
+    """The engine's body split into complete SSE events (``\n\n``-terminated), each as soon as it is complete."""
+    buf = b""
+    async for data in upstream.aiter_bytes():
+        buf += data.replace(b"\r\n", b"\n")
+        while (cut := buf.find(b"\n\n")) >= 0:  # bounded by the buffer
+            event, buf = buf[:cut + 2], buf[cut + 2:]
+            yield event
+    if buf.strip():
+        yield buf + b"\n\n"
+
+
+def _timeout() -> APIError:
+    return APIError(504, "The engine did not answer in time.", type_="server_error", code="engine_timeout")
+
+
+def _engine_error(message: str) -> APIError:
+    return APIError(502, message, type_="server_error", code="engine_error")
+
+
+def create_app(config: GatewayConfig, resolver: Resolver = system_resolver) -> FastAPI:
+    gateway = Gateway(config, resolver)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    app = FastAPI(title="MGM gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.gateway = gateway
+    errors.install(app)
+    app.add_middleware(MetricsMiddleware, metrics=gateway.metrics)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        logger.error("unhandled error", exc_info=exc)
+        return APIError(500, "The gateway hit an internal error.", type_="server_error",
+                        code="internal_error").response()
+
+    def authorize(request: Request) -> None:
+        check_bearer(request.headers.get("authorization"), config.api_keys)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        assert gateway.pool is not None
+        pool = gateway.pool
+        await asyncio.gather(*(pool.probe(e) for e in pool.engines))
+        engines = [{"url": e.url, "up": e.up, "in_flight": e.in_flight} for e in pool.engines]
+        for engine in pool.engines:
+            if not engine.up:
+                pool.mark_down(engine, "probe failed")
+        if not pool.any_up:
+            err = APIError(503, "No inference engine is reachable.", type_="server_error", code="not_ready",
+                           headers={"retry-after": str(config.retry_after_s)})
+            return JSONResponse({**err.body(), "engines": engines}, status_code=503, headers=err.headers)
+        return JSONResponse({"status": "ready", "engines": engines})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        authorize(request)
+        data = [{"id": m, "object": "model", "created": gateway.created, "owned_by": "minigemini-serve"}
+                for m in gateway.model_ids()]
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        authorize(request)  # before the body is even parsed
+        data = bytearray()
+        async for piece in request.stream():  # bounded by the body cap
+            data += piece
+            if len(data) > config.max_body_bytes:
+                raise APIError(413, f"Request body is larger than {config.max_body_bytes} bytes.",
+                               code="request_too_large")
+        try:
+            raw = json.loads(data)
+        except ValueError:
+            raise APIError(400, "We could not parse the JSON body of your request.", code="invalid_json") from None
+        try:
+            req = ChatCompletionRequest.model_validate(raw)
+        except ValidationError as exc:
+            raise errors.validation_error(exc.errors()) from None
+        if unknown := req.unknown_fields():
+            logger.info("request has fields outside the OpenAI schema; forwarded to the engine",
+                        extra={"fields": {"fields": ",".join(unknown)}})
+        if config.sdxl_workers and req.model == config.image_model_name:
+            raise APIError(400, f"'{req.model}' is an image model; use /v1/images/generations.", param="model",
+                           code="invalid_model")
+        known = gateway.chat_model_ids()
+        if known and req.model not in known:
+            raise APIError(404, f"The model '{req.model}' does not exist.", param="model", code="model_not_found")
+        body = req.model_dump(exclude_unset=True)
+        # vLLM's chat path tokenises without special tokens, but the official MGM prompt ids start with BOS: ask
+        # for it (image prompts get the official ids either way; the engine's processor rebuilds them).
+        body.setdefault("add_special_tokens", True)
+        await gateway.inline_images(body)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return await gateway.stream(body, include_usage)
+        return await gateway.complete(body)
+
+    return app

@@ -1,0 +1,69 @@
+"""``mgm gateway`` options and handler (registered by ``server.cli._add_gateway``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Callable
+
+logger = logging.getLogger("mgm.gateway")
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def add_gateway(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
+                env: Callable[[str, str], str]) -> None:
+    p = sub.add_parser(
+        "gateway", parents=[common],
+        help="OpenAI-compatible gateway in front of one or more `mgm engine` servers",
+        description="OpenAI-compatible HTTP gateway: validates chat requests, fetches remote images itself (SSRF "
+        "policy), routes to the least loaded engine, streams SSE, exposes /health, /ready, /metrics.")
+    p.add_argument("--engine", action="append", default=None, metavar="URL",
+                   help="engine base URL, repeatable (default: $MGM_ENGINES, comma-separated)")
+    p.add_argument("--host", default=env("MGM_GATEWAY_HOST", "127.0.0.1"), help="default: $MGM_GATEWAY_HOST or 127.0.0.1")
+    p.add_argument("--port", type=int, default=env("MGM_GATEWAY_PORT", "8000"), help="default: $MGM_GATEWAY_PORT or 8000")
+    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="accepted Bearer key, repeatable (default: $MGM_API_KEYS, comma-separated; none = no auth)")
+    p.add_argument("--model-name", default=os.environ.get("MGM_MODEL_NAME") or None,
+                   help="extra id clients may use for the chat model (default: $MGM_MODEL_NAME)")
+    p.add_argument("--sdxl-worker", action="append", default=None, metavar="URL",
+                   help="SDXL worker URL, repeatable (default: $MGM_SDXL_WORKERS); lists the image model")
+    p.add_argument("--image-model-name", default=env("MGM_IMAGE_MODEL_NAME", "sdxl"))
+    p.add_argument("--allowed-image-domains", type=_csv, default=env("MGM_ALLOWED_IMAGE_DOMAINS", ""),
+                   help="comma-separated host names (and subdomains) image URLs may point to; empty = any public host")
+    p.add_argument("--max-image-bytes", type=int, default=env("MGM_MAX_IMAGE_BYTES", str(20 * 1024 * 1024)))
+    p.add_argument("--max-image-pixels", type=int, default=env("MGM_MAX_IMAGE_PIXELS", "40000000"))
+    p.add_argument("--image-fetch-timeout", type=float, default=env("MGM_IMAGE_FETCH_TIMEOUT", "10"))
+    p.add_argument("--unsafe-allow-loopback-images", action="store_true",
+                   help="TESTS ONLY: let image URLs point to 127.0.0.0/8 and ::1")
+    p.set_defaults(handler=run_gateway)
+
+
+def run_gateway(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.gateway.app import create_app
+    from server.gateway.config import GatewayConfig, ImagePolicy
+
+    engines = args.engine or _csv(os.environ.get("MGM_ENGINES", ""))
+    keys = args.api_key or _csv(os.environ.get("MGM_API_KEYS", ""))
+    workers = args.sdxl_worker or _csv(os.environ.get("MGM_SDXL_WORKERS", ""))
+    domains = args.allowed_image_domains if isinstance(args.allowed_image_domains, list) else _csv(
+        args.allowed_image_domains)
+    try:
+        config = GatewayConfig(
+            engines=tuple(engines), api_keys=tuple(keys), model_name=args.model_name, sdxl_workers=tuple(workers),
+            image_model_name=args.image_model_name,
+            images=ImagePolicy(timeout_s=args.image_fetch_timeout, max_bytes=args.max_image_bytes,
+                               max_pixels=args.max_image_pixels, allowed_domains=tuple(d.lower() for d in domains),
+                               allow_loopback=args.unsafe_allow_loopback_images))
+    except ValueError as exc:
+        logger.error(str(exc))
+        return 2
+    if config.images.allow_loopback:
+        logger.warning("image URLs may point to loopback addresses (--unsafe-allow-loopback-images): tests only")
+    uvicorn.run(create_app(config), host=args.host, port=args.port, log_config=None, access_log=False)
+    return 0

@@ -1,0 +1,100 @@
+"""Errors in the OpenAI shape ``{"error": {"message", "type", "param", "code"}}`` for every failure path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+          422: "invalid_request_error", 429: "rate_limit_error"}
+
+
+class APIError(Exception):
+    """Raised anywhere in a handler; rendered as an OpenAI error response."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
+                 type_: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+        self.type = type_ or _TYPES.get(status, "server_error")
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+_UNION_LABELS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _param(loc: Any) -> str | None:
+    """pydantic's error location as an OpenAI ``param``: ``messages[0].content[1].image_url.url``. Drops ``body``,
+    union member labels (``str``, ``list[...]``) and the repeated tag of a tagged union."""
+    out = ""
+    prev: Any = None
+    for part in loc:
+        if part == "body" or (isinstance(part, str) and ("[" in part or part in _UNION_LABELS)) or part == prev:
+            prev = part
+            continue
+        prev = part
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or None
+
+
+def validation_error(exc: RequestValidationError | list[Any]) -> APIError:
+    """The first validation error (FastAPI's or a pydantic ``ValidationError.errors()`` list) as a 400."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else exc
+    # A union reports one error per member: the deepest one is the informative one.
+    err = dict(max(errors, key=lambda e: len(e.get("loc", ())))) if errors else {}
+    kind = str(err.get("type", ""))
+    param = _param(err.get("loc", ()))
+    if kind == "json_invalid":
+        return APIError(400, "We could not parse the JSON body of your request.", code="invalid_json")
+    if param is None and kind in ("model_type", "dict_type", "model_attributes_type"):
+        return APIError(400, "The request body must be a JSON object.", code="invalid_body")
+    if param is None:
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        return APIError(400, f"Invalid request: {msg}.", code="invalid_value")
+    if kind == "missing":
+        return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    if kind.endswith("_type") or kind.endswith("_parsing") or kind.startswith("union_tag"):
+        return APIError(400, f"Invalid type for '{param}': {err.get('msg', '')}.", param=param, code="invalid_type")
+    msg = str(err.get("msg", "")).removeprefix("Value error, ")
+    return APIError(400, f"Invalid value for '{param}': {msg}.", param=param, code="invalid_value")
+
+
+def normalize_upstream(status: int, payload: Any) -> APIError:
+    """An engine's error body (vLLM puts the HTTP status int in ``code``) as our error."""
+    err = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(err, dict):
+        code = err.get("code")
+        return APIError(status, str(err.get("message") or "engine error"),
+                        code=code if isinstance(code, str) else None,
+                        param=err.get("param") if isinstance(err.get("param"), str) else None,
+                        type_=str(err.get("type") or "") or None)
+    return APIError(status, f"engine returned HTTP {status}", code="engine_error")
+
+
+def install(app: Any) -> None:
+    """Exception handlers: our APIError, FastAPI validation errors, 404/405 and any other HTTP exception."""
+
+    @app.exception_handler(APIError)
+    async def _api(_request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return APIError(exc.status_code, str(exc.detail), code=code,
+                        headers=dict(exc.headers) if exc.headers else None).response()

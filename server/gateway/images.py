@@ -1,0 +1,223 @@
+"""Remote image fetching for ``image_url`` parts: the gateway downloads ``http(s)`` images itself and forwards them
+to the engines as ``data:`` URLs, so engines never open outbound connections.
+
+SSRF policy (every redirect hop is vetted again):
+
+* schemes ``http``/``https`` only, no credentials in the URL, optional domain allow-list;
+* the host name is resolved once; if **any** address is not globally routable (private, loopback, link-local incl.
+  169.254.169.254, CGNAT, multicast, reserved, unspecified, unique-local fc00::/7, and IPv4 addresses embedded in
+  IPv6: ``::ffff:a.b.c.d``, 6to4, NAT64) the URL is refused;
+* the connection goes to the vetted IP itself (Host header and TLS SNI/certificate check keep the name), so a second
+  DNS answer cannot rebind it; proxies from the environment are ignored;
+* caps: total time, connect time, body bytes (streamed, aborted past the cap), pixels (PIL reads the header only),
+  content type (header and the real format).
+
+``ImagePolicy.allow_loopback`` is a test-only switch that lets 127.0.0.0/8 and ::1 through (nothing else).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import ipaddress
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+
+from server.gateway.config import ImagePolicy
+from server.gateway.errors import APIError
+
+logger = logging.getLogger("mgm.gateway.images")
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+_REDIRECTS = (301, 302, 303, 307, 308)
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+class ImageURLRefused(APIError):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(400, message, code="image_url_not_allowed", param=param)
+
+
+def ip_refusal(ip: str, *, allow_loopback: bool = False) -> str | None:
+    """Why ``ip`` may not be fetched, or None when it is a public address."""
+    try:
+        addr: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return "not an IP address"
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        elif addr.sixtofour is not None:
+            addr = addr.sixtofour
+        elif addr.teredo is not None:
+            return "Teredo address"
+        elif addr in _NAT64:
+            addr = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    if addr.is_loopback:
+        return None if allow_loopback else "loopback address"
+    if addr.is_link_local:
+        return "link-local address"
+    if addr.is_multicast:
+        return "multicast address"
+    if addr.is_unspecified or addr.is_reserved:
+        return "reserved address"
+    if addr.is_private or not addr.is_global:
+        return "private address"
+    return None
+
+
+@dataclass(frozen=True)
+class Target:
+    scheme: str
+    host: str  # lower-case, IDNA-encoded name, or the IP literal without brackets
+    port: int
+    path: str  # path + query, never empty
+
+    @property
+    def host_header(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+    def url_for(self, ip: str) -> str:
+        host = f"[{ip}]" if ":" in ip else ip
+        return f"{self.scheme}://{host}:{self.port}{self.path}"
+
+
+def parse_url(url: str, policy: ImagePolicy) -> Target:
+    """Scheme, credentials, host syntax and allow-list checks (no network)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ImageURLRefused(f"Invalid image URL: {exc}.") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ImageURLRefused(f"Image URL scheme {scheme or '(none)'!r} is not allowed; use http, https or data.")
+    if parts.username is not None or parts.password is not None:
+        raise ImageURLRefused("Image URLs with credentials are not allowed.")
+    host = (parts.hostname or "").rstrip(".")
+    if not host:
+        raise ImageURLRefused("Image URL has no host.")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            host = host.encode("idna").decode("ascii").lower()
+        except UnicodeError:
+            raise ImageURLRefused("Image URL host is not a valid name.") from None
+    if policy.allowed_domains and not any(host == d or host.endswith("." + d) for d in policy.allowed_domains):
+        raise ImageURLRefused(f"Image host {host!r} is not in the allowed domains.")
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    return Target(scheme, host, port or (443 if scheme == "https" else 80), path)
+
+
+async def system_resolver(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
+async def vet(url: str, policy: ImagePolicy, resolver: Resolver = system_resolver) -> tuple[Target, str]:
+    """The parsed target and the one IP to connect to; refuses when any resolved address is not public."""
+    target = parse_url(url, policy)
+    try:
+        ipaddress.ip_address(target.host)
+        ips = [target.host]
+    except ValueError:
+        try:
+            ips = list(dict.fromkeys(await resolver(target.host, target.port)))
+        except (OSError, UnicodeError):
+            raise APIError(400, f"Could not resolve image host {target.host!r}.", code="image_fetch_failed") from None
+    if not ips:
+        raise APIError(400, f"Could not resolve image host {target.host!r}.", code="image_fetch_failed")
+    for ip in ips:
+        why = ip_refusal(ip, allow_loopback=policy.allow_loopback)
+        if why is not None:
+            raise ImageURLRefused(f"Image URL host {target.host!r} resolves to a {why}; refused.")
+    return target, ips[0]
+
+
+def check_data_url(url: str, policy: ImagePolicy) -> None:
+    """Cheap checks of a client's ``data:`` URL (the engine decodes it)."""
+    head, sep, payload = url.partition(",")
+    if not sep or not head.lower().startswith("data:image/") or not head.lower().endswith(";base64"):
+        raise APIError(400, "Image data URLs must look like data:image/<type>;base64,<data>.", code="invalid_image")
+    if len(payload) * 3 // 4 > policy.max_bytes:
+        raise APIError(413, f"Image is larger than {policy.max_bytes} bytes.", code="image_too_large")
+
+
+def _inspect(data: bytes, policy: ImagePolicy) -> str:
+    """The image's MIME type from its real format, after the pixel cap (header only, no full decode)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            mime = Image.MIME.get(img.format or "", "")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise APIError(400, "The image URL did not return a readable image.", code="invalid_image") from None
+    if mime not in policy.content_types:
+        raise APIError(400, f"Image format {mime or 'unknown'} is not supported.", code="invalid_image")
+    if width * height > policy.max_pixels:
+        raise APIError(413, f"Image has {width}x{height} pixels, more than {policy.max_pixels}.",
+                       code="image_too_large")
+    return mime
+
+
+async def _download(url: str, policy: ImagePolicy, resolver: Resolver) -> bytes:
+    timeout = httpx.Timeout(policy.timeout_s, connect=policy.connect_timeout_s)
+    # trust_env=False: no proxy from the environment (a proxy would resolve the name again).
+    async with httpx.AsyncClient(trust_env=False, follow_redirects=False, timeout=timeout) as client:
+        for _hop in range(policy.max_redirects + 1):
+            target, ip = await vet(url, policy, resolver)
+            extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+            request = client.build_request("GET", target.url_for(ip), extensions=extensions, headers={
+                "Host": target.host_header, "Accept": "image/*", "User-Agent": "minigemini-serve-gateway"})
+            response = await client.send(request, stream=True)
+            try:
+                if response.status_code in _REDIRECTS:
+                    location = response.headers.get("location")
+                    if not location:
+                        raise APIError(400, "Image URL redirected without a Location.", code="image_fetch_failed")
+                    url = urljoin(url, location)
+                    continue
+                if response.status_code != 200:
+                    raise APIError(400, f"Image URL returned HTTP {response.status_code}.", code="image_fetch_failed")
+                ctype = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+                if ctype not in policy.content_types:
+                    raise APIError(400, f"Image URL content type {ctype or '(none)'!r} is not an allowed image type.",
+                                   code="invalid_image")
+                length = response.headers.get("content-length")
+                if length is not None and length.isdigit() and int(length) > policy.max_bytes:
+                    raise APIError(413, f"Image is larger than {policy.max_bytes} bytes.", code="image_too_large")
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > policy.max_bytes:
+                        raise APIError(413, f"Image is larger than {policy.max_bytes} bytes.", code="image_too_large")
+                return bytes(body)
+            finally:
+                await response.aclose()
+    raise APIError(400, f"Image URL redirected more than {policy.max_redirects} times.", code="image_fetch_failed")
+
+
+async def fetch_image(url: str, policy: ImagePolicy, resolver: Resolver = system_resolver) -> str:
+    """Download ``url`` under ``policy`` and return it as a ``data:`` URL (raises :class:`APIError`)."""
+    try:
+        async with asyncio.timeout(policy.timeout_s):
+            data = await _download(url, policy, resolver)
+    except TimeoutError:
+        raise APIError(400, f"Fetching the image took longer than {policy.timeout_s:g} s.",
+                       code="image_fetch_failed") from None
+    except httpx.HTTPError as exc:
+        raise APIError(400, f"Could not fetch the image: {type(exc).__name__}.", code="image_fetch_failed") from None
+    mime = _inspect(data, policy)
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")

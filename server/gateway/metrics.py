@@ -1,0 +1,28 @@
+"""Prometheus metrics of the gateway (own registry, so several apps can live in one process, e.g. in tests)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("mgm_gateway_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.latency = Histogram("mgm_gateway_request_latency_seconds", "Time to the last response byte", ["route"],
+                                 buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("mgm_gateway_ttft_seconds", "Time to the first content token (streaming chat)",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("mgm_gateway_tokens", "Tokens reported by the engines", ["kind"], registry=r)
+        self.in_flight = Gauge("mgm_gateway_in_flight_requests", "Requests being served", ["route"], registry=r)
+        self.engine_up = Gauge("mgm_gateway_engine_up", "1 when the engine answers, else 0", ["engine"], registry=r)
+        self.engine_in_flight = Gauge("mgm_gateway_engine_in_flight", "Requests in flight per engine", ["engine"],
+                                      registry=r)
+        self.engine_retries = Counter("mgm_gateway_engine_retries", "Requests retried on another engine",
+                                      registry=r)
+        self.image_fetches = Counter("mgm_gateway_image_fetches", "Remote image fetches by outcome", ["outcome"],
+                                     registry=r)

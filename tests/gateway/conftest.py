@@ -1,0 +1,174 @@
+"""Gateway test fixtures: a real uvicorn per gateway (thread, free loopback port), a local image HTTP server
+(127.0.0.1, so gateways under test set the test-only ``allow_loopback``), and ONE real ``mgm engine`` on the tiny
+checkpoint for the whole session (started with the helpers of loadtests/engine_throughput.py)."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(str(c) for c in sorted(os.sched_getaffinity(0))))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from loadtests.engine_throughput import free_port, start_engine, wait_ready  # noqa: E402
+
+
+def png_bytes(size: tuple[int, int] = (40, 70), color: tuple[int, int, int] = (30, 60, 200)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+@pytest.fixture(scope="session")
+def png() -> bytes:
+    return png_bytes()
+
+
+@contextlib.contextmanager
+def serve_app(app) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """Run an ASGI app under a real uvicorn on 127.0.0.1:<free port> in a thread; yields its base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:  # bounded by the deadline
+        assert thread.is_alive() and time.monotonic() < deadline, "gateway did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+
+
+class GatewayServers:
+    """``gateway_servers(config)`` → context manager yielding the base URL of a live gateway; ``apps[url]`` is its
+    FastAPI app (``.state.gateway`` for white-box checks)."""
+
+    def __init__(self) -> None:
+        self.apps: dict[str, object] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, config, **kwargs) -> Iterator[str]:  # type: ignore[no-untyped-def]
+        from server.gateway.app import create_app
+
+        app = create_app(config, **kwargs)
+        with serve_app(app) as base:
+            self.apps[base] = app
+            yield base
+
+
+@pytest.fixture(scope="session")
+def gateway_server() -> GatewayServers:
+    return GatewayServers()
+
+
+class _ImageHandler(BaseHTTPRequestHandler):
+    """/img.png, /notimage (text/plain), /fake.png (image/png header, text body), /slow.png, /missing (404),
+    /redirect?to=URL (302), /loop (redirects to itself). Records each request's Host header."""
+
+    png = b""
+    hosts: list[str] = []
+
+    def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    def _send(self, status: int, body: bytes, ctype: str, extra: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        type(self).hosts.append(self.headers.get("Host", ""))
+        url = urlsplit(self.path)
+        if url.path == "/img.png":
+            self._send(200, self.png, "image/png")
+        elif url.path == "/notimage":
+            self._send(200, b"hello", "text/plain")
+        elif url.path == "/fake.png":
+            self._send(200, b"this is not a png", "image/png")
+        elif url.path == "/slow.png":
+            time.sleep(2)
+            self._send(200, self.png, "image/png")
+        elif url.path == "/redirect":
+            self._send(302, b"", "text/plain", {"Location": parse_qs(url.query)["to"][0]})
+        elif url.path == "/loop":
+            self._send(302, b"", "text/plain", {"Location": "/loop"})
+        else:
+            self._send(404, b"not found", "text/plain")
+
+
+@dataclass
+class ImageServer:
+    base: str
+    hosts: list[str]  # Host header of every request seen
+
+
+@pytest.fixture(scope="session")
+def image_server(png: bytes) -> Iterator[ImageServer]:
+    handler = type("Handler", (_ImageHandler,), {"png": png, "hosts": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield ImageServer(f"http://127.0.0.1:{server.server_address[1]}", handler.hosts)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="session")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """ONE real `mgm engine` (tiny random Llama checkpoint) on a free loopback port: (base URL, model id)."""
+    import httpx
+
+    from engine.tiny import build_tiny
+
+    root = tmp_path_factory.mktemp("gateway-engine")
+    model = build_tiny(root / "tiny", backbone="llama", hd=False, seed=0)
+    port = free_port()
+    log = Path(root / "engine.log")
+    proc = start_engine(Path(model), port, log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            wait_ready(proc, base, timeout=240)
+        except (RuntimeError, TimeoutError) as exc:
+            raise AssertionError(f"{exc}\n{log.read_text()[-3000:]}") from None
+        model_id = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
+        yield base, model_id
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except Exception:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
