@@ -28,7 +28,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 serve: $(STAMP)
-	$(PY) -m server.dev_serve
+	$(VENV)/bin/mgm serve
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check --quiet engine kernels server loadtests tests

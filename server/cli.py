@@ -287,11 +287,20 @@ def _add_gateway(sub: argparse._SubParsersAction) -> None:
     add_gateway(sub, _common_options(suppress=True), _env)
 
 
+# --- serve (options and handler live in server/serve.py) ------------------------------------------------------------
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from server.serve import add_serve
+
+    add_serve(sub, _common_options(suppress=True), _env)
+
+
 # --- entry point ----------------------------------------------------------------------------------------------------
 
 #: Subcommand registrars, in help order.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_build_tiny, _add_engine, _add_build_tiny_sdxl, _add_sdxl_worker, _add_gateway]
+    _add_build_tiny, _add_engine, _add_build_tiny_sdxl, _add_sdxl_worker, _add_gateway, _add_serve]
 
 
 def _common_options(*, suppress: bool) -> argparse.ArgumentParser:

@@ -1,0 +1,356 @@
+"""``mgm serve``: the whole stack in one command — MGM engine(s), SDXL worker(s) and the gateway as child processes.
+
+    mgm serve                                  # tiny RANDOM-weight checkpoints under .cache/ (built when missing)
+    mgm serve --model DIR --image-model DIR    # real checkpoints
+    mgm serve --engines 2 --sdxl-workers 0 -- --max-model-len 4096   # after --: extra vLLM arguments
+
+Engines and workers listen on free loopback ports, the gateway on ``--host``/``--port``. Each child runs in its own
+process group with its output in ``<logs-dir>/<name>.log``; serve waits until every child answers its readiness
+route, prints the URL and a ready-to-paste ``curl``, then supervises: Ctrl-C or SIGTERM stops every child (SIGTERM,
+bounded wait, SIGKILL) and exits 0; a child that dies on its own is logged and everything is stopped, exit 1.
+Registered by ``server.cli._add_serve``; nothing heavy is imported at module level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from server.procs import Child, chat_curl, free_ports, kill_children, stop_children
+
+logger = logging.getLogger("mgm.serve")
+
+Env = Callable[[str, str], str]
+
+#: Printed on stdout once every child is ready (tests and scripts wait for it).
+READY_PREFIX = "mgm serve: ready at "
+#: vLLM arguments used with the default tiny checkpoint when none are given.
+TINY_VLLM_ARGS = ["--max-model-len", "2048", "--limit-mm-per-prompt", '{"image": 4}']
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def add_serve(sub: argparse._SubParsersAction, common: argparse.ArgumentParser, env: Env) -> None:
+    p = sub.add_parser(
+        "serve", parents=[common], allow_abbrev=False,  # never let an abbreviation swallow a vLLM flag
+        help="run the whole stack: engine(s), SDXL worker(s) and the gateway (arguments after -- go to vLLM)",
+        description="Start MGM engine(s), SDXL worker(s) and the OpenAI-compatible gateway as child processes, wait "
+        "until they are ready, print the URL and a curl example, and stop them all on Ctrl-C/SIGTERM. Without "
+        "--model/--image-model it serves tiny RANDOM-weight checkpoints under the cache directory (built when "
+        "missing). Arguments after -- (or unknown ones) are passed to every engine's vLLM server.",
+    )
+    model = env("MGM_MODEL", "")
+    image_model = env("MGM_IMAGE_MODEL", "")
+    p.add_argument("--model", type=Path, default=Path(model) if model else None,
+                   help="MGM checkpoint directory (default: $MGM_MODEL or the tiny random one, <cache-dir>/tiny-mgm)")
+    p.add_argument("--image-model", type=Path, default=Path(image_model) if image_model else None,
+                   help="diffusers SDXL directory (default: $MGM_IMAGE_MODEL or the tiny random one, "
+                   "<cache-dir>/tiny-sdxl)")
+    p.add_argument("--host", default=env("MGM_HOST", "127.0.0.1"), help="gateway address (default: $MGM_HOST or "
+                   "127.0.0.1)")
+    p.add_argument("--port", type=int, default=env("MGM_PORT", "8000"), help="gateway port (default: $MGM_PORT or "
+                   "8000)")
+    p.add_argument("--engines", type=int, default=env("MGM_NUM_ENGINES", "1"),
+                   help="number of MGM engines (default: $MGM_NUM_ENGINES or 1)")
+    p.add_argument("--sdxl-workers", type=int, default=env("MGM_NUM_SDXL_WORKERS", "1"),
+                   help="number of SDXL workers, 0 = no image generation (default: $MGM_NUM_SDXL_WORKERS or 1)")
+    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="accepted Bearer key, repeatable; prefer $MGM_API_KEYS (comma-separated), which keeps keys "
+                   "out of the process list (default: none = no auth)")
+    p.add_argument("--model-name", default=env("MGM_MODEL_NAME", "") or None,
+                   help="extra id clients may use for the chat model (default: $MGM_MODEL_NAME)")
+    p.add_argument("--cache-dir", type=Path, default=env("MGM_CACHE_DIR", ".cache"),
+                   help="tiny checkpoints and logs live here (default: $MGM_CACHE_DIR or .cache)")
+    p.add_argument("--logs-dir", type=Path, default=env("MGM_LOGS_DIR", "") or None,
+                   help="children's log files (default: $MGM_LOGS_DIR or <cache-dir>/logs)")
+    p.add_argument("--ready-timeout", type=float, default=env("MGM_READY_TIMEOUT", "900"),
+                   help="seconds to wait for every child to be ready (default: $MGM_READY_TIMEOUT or 900)")
+    p.add_argument("--stop-timeout", type=float, default=env("MGM_STOP_TIMEOUT", "30"),
+                   help="seconds children get to stop after SIGTERM before SIGKILL (default: $MGM_STOP_TIMEOUT "
+                   "or 30)")
+    p.set_defaults(handler=run_serve, accepts_passthrough=True)
+
+
+# --- plan -----------------------------------------------------------------------------------------------------------
+
+
+def _module_argv(args: argparse.Namespace, *rest: str) -> list[str]:
+    return [sys.executable, "-m", "server", "--log-level", args.log_level, "--log-format", args.log_format, *rest]
+
+
+def vllm_args(passthrough: Sequence[str]) -> list[str]:
+    """Extra vLLM arguments: everything unknown to serve, with the first ``--`` separator dropped."""
+    extra = list(passthrough)
+    if "--" in extra:
+        extra.remove("--")
+    return extra
+
+
+def plan_children(args: argparse.Namespace, model: Path, image_model: Path | None, extra_vllm: Sequence[str],
+                  logs: Path) -> list[Child]:
+    """Engines, then workers, then the gateway, each on its own port (engines and workers on free loopback ports)."""
+    children = []
+    n_workers = args.sdxl_workers if image_model is not None else 0
+    ports = iter(free_ports(args.engines + n_workers, exclude=[args.port]))
+    for i in range(args.engines):
+        port = next(ports)
+        children.append(Child(f"engine-{i}", _module_argv(
+            args, "engine", "--model", str(model), "--host", "127.0.0.1", "--port", str(port), *extra_vllm),
+            logs / f"engine-{i}.log", ready_url=f"http://127.0.0.1:{port}/health"))
+    for i in range(n_workers):
+        port = next(ports)
+        children.append(Child(f"sdxl-worker-{i}", _module_argv(
+            args, "sdxl-worker", "--model", str(image_model), "--host", "127.0.0.1", "--port", str(port)),
+            logs / f"sdxl-worker-{i}.log", ready_url=f"http://127.0.0.1:{port}/ready"))
+    gateway = _module_argv(args, "gateway", "--host", args.host, "--port", str(args.port))
+    for child in children:
+        flag = "--engine" if child.name.startswith("engine") else "--sdxl-worker"
+        gateway += [flag, child.ready_url.rsplit("/", 1)[0]]  # type: ignore[union-attr]
+    if args.model_name:
+        gateway += ["--model-name", args.model_name]
+    children.append(Child("gateway", gateway, logs / "gateway.log", ready_url=f"{_base(args)}/ready"))
+    return children
+
+
+def _base(args: argparse.Namespace) -> str:
+    host = args.host if args.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    return f"http://{'[' + host + ']' if ':' in host else host}:{args.port}"
+
+
+# --- run ------------------------------------------------------------------------------------------------------------
+
+
+class _Stop:
+    """SIGINT/SIGTERM → ``event``; a second signal SIGKILLs every child group at once."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.children: list[Child] = []
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, _frame: object) -> None:
+        if self.event.is_set():
+            logger.warning("second signal: killing every child now")
+            kill_children(self.children)
+            return
+        self.signum = signum
+        self.event.set()
+
+
+def _build(kind: str, out: Path, args: argparse.Namespace, stop: _Stop, logs: Path) -> bool:
+    """Build a tiny checkpoint into a scratch directory next to ``out`` and rename it into place (an interrupted
+    build leaves no half checkpoint behind)."""
+    scratch = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    child = Child(f"{kind}-build", _module_argv(args, kind, str(scratch), "--force"), logs / f"{kind}.log")
+    logger.info("building the tiny checkpoint", extra={"fields": {"out": str(out), "log": str(child.log)}})
+    stop.children[:] = [child]
+    child.start(env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    while child.poll() is None:  # a build takes seconds; a signal stops it
+        if stop.event.wait(0.2):
+            stop_children([child], timeout=5, kill_timeout=5)
+            return False
+    if child.poll() != 0:
+        logger.error("building the tiny checkpoint failed", extra={"fields": {
+            "out": str(out), "exit": child.poll(), "log": str(child.log), "tail": child.log_tail(5)}})
+        return False
+    scratch.rename(out)
+    return True
+
+
+def _tiny(kind: str, out: Path, marker: str, args: argparse.Namespace, stop: _Stop, logs: Path) -> Path | None:
+    if not (out / marker).is_file() and not _build(kind, out, args, stop, logs):
+        return None
+    return out
+
+
+def _port_problem(host: str, port: int) -> str | None:
+    """Why the gateway could not bind ``host:port`` (None when it can), checked before anything starts."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            s.bind(addr)
+    except OSError as exc:
+        return str(exc)
+    return None
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    if args.engines < 1 or args.sdxl_workers < 0:
+        logger.error("need --engines >= 1 and --sdxl-workers >= 0",
+                     extra={"fields": {"engines": args.engines, "sdxl_workers": args.sdxl_workers}})
+        return 2
+    if not 0 < args.port < 65536:
+        logger.error("invalid --port", extra={"fields": {"port": args.port}})
+        return 2
+    problem = _port_problem(args.host, args.port)
+    if problem:
+        logger.error("the gateway cannot listen there", extra={"fields": {
+            "host": args.host, "port": args.port, "error": problem}})
+        return 2
+    cache: Path = args.cache_dir
+    logs: Path = args.logs_dir or cache / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    stop = _Stop()
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _serve(args, cache, logs, stop)
+    finally:
+        if stop.children:
+            clean = stop_children(stop.children, timeout=args.stop_timeout)
+            logger.info("every child stopped", extra={"fields": {"clean": clean, "exits": ",".join(
+                f"{c.name}={c.poll()}" for c in stop.children if c.proc is not None)}})
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _serve(args: argparse.Namespace, cache: Path, logs: Path, stop: _Stop) -> int:
+    random_weights = []
+    model = args.model
+    if model is None:
+        model = _tiny("build-tiny", cache / "tiny-mgm", "config.json", args, stop, logs)
+        if model is None:
+            return 0 if stop.event.is_set() else 1
+        random_weights.append(str(model))
+    elif not (model / "config.json").is_file():
+        logger.error("not a checkpoint directory (no config.json)", extra={"fields": {"model": str(model)}})
+        return 2
+    image_model = None
+    if args.sdxl_workers > 0:
+        image_model = args.image_model
+        if image_model is None:
+            image_model = _tiny("build-tiny-sdxl", cache / "tiny-sdxl", "model_index.json", args, stop, logs)
+            if image_model is None:
+                return 0 if stop.event.is_set() else 1
+            random_weights.append(str(image_model))
+        elif not (image_model / "model_index.json").is_file():
+            logger.error("not a diffusers pipeline directory (no model_index.json)",
+                         extra={"fields": {"image_model": str(image_model)}})
+            return 2
+    if random_weights:
+        logger.warning("serving tiny checkpoints with RANDOM weights: chat answers are gibberish and images are "
+                       "noise, by design; pass --model / --image-model for real ones",
+                       extra={"fields": {"checkpoints": ",".join(random_weights)}})
+    extra = vllm_args(args.passthrough)
+    if args.model is None:  # the tiny defaults, unless the same flag was given
+        for flag, value in zip(TINY_VLLM_ARGS[::2], TINY_VLLM_ARGS[1::2]):
+            if not any(a == flag or a.startswith(flag + "=") for a in extra):
+                extra += [flag, value]
+
+    keys = args.api_key or _csv(os.environ.get("MGM_API_KEYS", ""))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MGM_API_KEYS", None)
+    children = plan_children(args, model, image_model, extra, logs)
+    stop.children[:] = children
+    for child in children:
+        child_env = env if child.name != "gateway" or not keys else {**env, "MGM_API_KEYS": ",".join(keys)}
+        child.start(env=child_env)
+        logger.info("started", extra={"fields": {"child": child.name, "pid": child.pid, "log": str(child.log)}})
+    logger.info("children's logs", extra={"fields": {"dir": str(logs)}})
+
+    ready = _wait_ready(children, stop, args.ready_timeout)
+    if ready is not None:
+        return ready
+    base = _base(args)
+    chat_model = _chat_model(base, keys[0] if keys else None) or str(model)
+    image_name = os.environ.get("MGM_IMAGE_MODEL_NAME") or "sdxl"  # the gateway's default, from the same variable
+    image_note = f", image model '{image_name}' ({args.sdxl_workers} SDXL worker(s))" if image_model is not None \
+        else ", no image generation"
+    print(f"\n{READY_PREFIX}{base}/v1 — OpenAI-compatible; chat model '{chat_model}' ({args.engines} engine(s))"
+          f"{image_note}; logs in {logs}/", flush=True)
+    if keys:
+        print("Authentication is on: set MGM_API_KEY to one of the keys for the example.", flush=True)
+    print(f"\n{chat_curl(base, chat_model, auth_env='MGM_API_KEY' if keys else None)}\n", flush=True)
+    return _supervise(children, stop)
+
+
+def _chat_model(base: str, key: str | None) -> str | None:
+    """The first model id the gateway lists: the chat alias when one is set, else the engine's id (the image model
+    comes last)."""
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(f"{base}/v1/models", headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            ids = [m["id"] for m in json.loads(r.read())["data"]]
+    except (OSError, ValueError, KeyError):
+        return None
+    return ids[0] if ids else None
+
+
+def _dead(children: Sequence[Child]) -> Child | None:
+    return next((c for c in children if c.poll() is not None), None)
+
+
+def _report_death(child: Child) -> int:
+    logger.error("a child exited unexpectedly; stopping everything", extra={"fields": {
+        "child": child.name, "exit": child.poll(), "log": str(child.log)}})
+    tail = child.log_tail(15)
+    if tail:
+        print(f"--- last lines of {child.log} ---\n{tail}", file=sys.stderr, flush=True)
+    return 1
+
+
+def _wait_ready(children: Sequence[Child], stop: _Stop, timeout: float) -> int | None:
+    """Poll every child's readiness route until all answer; None when ready, else the exit status."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    start = time.monotonic()
+
+    def line() -> str:
+        parts = [f"{c.name} {'[green]ready[/] ' + format(c.ready_after_s, '.0f') + ' s' if c.ready else '…'}"
+                 for c in children]
+        return f"waiting for the stack ({time.monotonic() - start:.0f} s): " + " · ".join(parts)
+
+    status = console.status(line()) if console.is_terminal else None
+    if status is not None:
+        status.start()
+    try:
+        while True:  # bounded by the timeout and the signal
+            if stop.event.is_set():
+                logger.info("stopping before the stack was ready")
+                return 0
+            dead = _dead(children)
+            if dead is not None:
+                return _report_death(dead)
+            for child in children:
+                if not child.ready and child.check_ready():
+                    msg = f"{child.name} ready after {child.ready_after_s:.1f} s"
+                    if status is not None:
+                        console.print(f"[green]✓[/] {msg}", highlight=False)
+                    else:
+                        logger.info(msg)
+            if all(c.ready for c in children):
+                return None
+            if time.monotonic() - start > timeout:
+                logger.error("the stack was not ready in time", extra={"fields": {
+                    "timeout_s": timeout, "waiting_for": ",".join(c.name for c in children if not c.ready)}})
+                return 1
+            if status is not None:
+                status.update(line())
+            stop.event.wait(0.5)
+    finally:
+        if status is not None:
+            status.stop()
+
+
+def _supervise(children: Sequence[Child], stop: _Stop) -> int:
+    while not stop.event.wait(0.5):  # until a signal
+        dead = _dead(children)
+        if dead is not None:
+            return _report_death(dead)
+    logger.info("stopping", extra={"fields": {"signal": signal.Signals(stop.signum or signal.SIGTERM).name}})
+    return 0

@@ -1,0 +1,65 @@
+"""`mgm serve` options and plan, without starting anything."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from server.cli import build_parser, main
+from server.serve import plan_children, vllm_args
+
+
+def _args(argv: list[str]):  # type: ignore[no-untyped-def]
+    args, passthrough = build_parser().parse_known_args(["serve", *argv])
+    args.passthrough = passthrough
+    return args
+
+
+def test_defaults_and_env_overrides(monkeypatch):  # type: ignore[no-untyped-def]
+    for name in ("MGM_HOST", "MGM_PORT", "MGM_NUM_ENGINES", "MGM_NUM_SDXL_WORKERS", "MGM_MODEL", "MGM_IMAGE_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    args = _args([])
+    assert (args.host, args.port, args.engines, args.sdxl_workers, args.model, args.image_model) == (
+        "127.0.0.1", 8000, 1, 1, None, None)
+    monkeypatch.setenv("MGM_PORT", "9001")
+    monkeypatch.setenv("MGM_NUM_ENGINES", "3")
+    monkeypatch.setenv("MGM_NUM_SDXL_WORKERS", "0")
+    monkeypatch.setenv("MGM_MODEL", "/m")
+    args = _args([])
+    assert (args.port, args.engines, args.sdxl_workers, args.model) == (9001, 3, 0, Path("/m"))
+    assert _args(["--port", "9002"]).port == 9002  # the flag wins
+
+
+def test_plan_passes_vllm_args_and_wires_the_gateway():
+    args = _args(["--engines", "2", "--sdxl-workers", "2", "--port", "8123", "--model-name", "alias",
+                  "--", "--max-model-len", "512", "--port", "1"])
+    extra = vllm_args(args.passthrough)
+    assert extra == ["--max-model-len", "512", "--port", "1"]
+    children = plan_children(args, Path("/ckpt"), Path("/sdxl"), extra, Path("/logs"))
+    assert [c.name for c in children] == ["engine-0", "engine-1", "sdxl-worker-0", "sdxl-worker-1", "gateway"]
+    urls = [c.ready_url.rsplit("/", 1)[0] for c in children[:-1]]  # type: ignore[union-attr]
+    ports = [int(u.rsplit(":", 1)[1]) for u in urls]
+    assert len(set(ports)) == 4 and 8123 not in ports and all(u.startswith("http://127.0.0.1:") for u in urls)
+    engine = children[0].argv
+    assert engine[engine.index("engine"):][:3] == ["engine", "--model", "/ckpt"]
+    assert engine[-4:] == ["--max-model-len", "512", "--port", "1"]
+    gateway = children[-1].argv
+    assert gateway.count("--engine") == 2 and gateway.count("--sdxl-worker") == 2
+    assert urls[0] in gateway and urls[3] in gateway and gateway[-2:] == ["--model-name", "alias"]
+    assert children[-1].ready_url == "http://127.0.0.1:8123/ready"
+    assert children[-1].log == Path("/logs/gateway.log")
+
+
+@pytest.mark.parametrize("argv", [["--engines", "0"], ["--sdxl-workers", "-1"], ["--port", "0"]])
+def test_bad_values_exit_2(argv, tmp_path):  # type: ignore[no-untyped-def]
+    assert main(["serve", "--cache-dir", str(tmp_path), *argv]) == 2
+
+
+def test_busy_port_exits_2_before_starting_anything(tmp_path):  # type: ignore[no-untyped-def]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert main(["serve", "--cache-dir", str(tmp_path), "--port", str(s.getsockname()[1])]) == 2
+    assert not (tmp_path / "tiny-mgm").exists() and not (tmp_path / "logs").exists()

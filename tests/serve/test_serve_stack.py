@@ -1,0 +1,99 @@
+"""`mgm serve` end to end: tiny MGM engine + tiny SDXL worker + gateway as real child processes on loopback, driven
+by the official openai SDK; then SIGTERM stops every child and serve exits 0."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+from serve_live import VLLM_ARGS, Serve, leftovers, start_serve
+
+from server.procs import free_port, png_data_url
+from server.serve import READY_PREFIX
+
+KEY = "sk-serve-test"
+ALIAS = "mgm-tiny"
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_models, tmp_path_factory):  # type: ignore[no-untyped-def]
+    model, image_model = tiny_models
+    tmp = tmp_path_factory.mktemp("serve-stack")
+    port = free_port()
+    serve = start_serve(tmp, "--model", str(model), "--image-model", str(image_model), "--port", str(port),
+                        "--model-name", ALIAS, "--stop-timeout", "20", *VLLM_ARGS, env={"MGM_API_KEYS": KEY})
+    serve.tmp = tmp  # type: ignore[attr-defined]
+    serve.base = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
+    try:
+        serve.wait_for(lambda: READY_PREFIX in serve.stdout(), 150, "ready line")
+        yield serve
+    finally:
+        if serve.proc.poll() is None:
+            serve.stop()
+
+
+@pytest.fixture(scope="module")
+def client(stack: Serve) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.base + "/v1", api_key=KEY, max_retries=0, timeout=120)  # type: ignore[attr-defined]
+
+
+def test_ready_line_logs_and_children(stack: Serve, tiny_models):  # type: ignore[no-untyped-def]
+    out = stack.stdout()
+    assert f"{READY_PREFIX}{stack.base}/v1" in out  # type: ignore[attr-defined]
+    assert set(stack.children()) == {"engine-0", "sdxl-worker-0", "gateway"}
+    logs = stack.tmp / "cache" / "logs"  # type: ignore[attr-defined]
+    for name in ("engine-0", "sdxl-worker-0", "gateway"):
+        assert (logs / f"{name}.log").stat().st_size > 0, name
+    assert str(logs) in out
+    # the extra vLLM arguments after -- reached the engine
+    assert "--max-model-len 512" in (logs / "engine-0.log").read_text(errors="replace")
+
+
+def test_models_list(client: openai.OpenAI, tiny_models):  # type: ignore[no-untyped-def]
+    ids = [m.id for m in client.models.list()]
+    assert ids == [ALIAS, str(tiny_models[0]), "sdxl"]
+
+
+def test_chat_text_and_image(client: openai.OpenAI):
+    text = client.chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "Hello!"}],
+                                          max_tokens=4, temperature=0)
+    assert text.choices[0].message.content and text.usage.completion_tokens <= 4  # type: ignore[union-attr]
+    content = [{"type": "image_url", "image_url": {"url": png_data_url()}},
+               {"type": "text", "text": "What is in this picture?"}]
+    reply = client.chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": content}],
+                                           max_tokens=4, temperature=0)
+    assert reply.choices[0].message.content
+    assert reply.usage.prompt_tokens > text.usage.prompt_tokens  # type: ignore[union-attr]  # the image's tokens
+
+
+def test_auth_is_on(stack: Serve):
+    bad = openai.OpenAI(base_url=stack.base + "/v1", api_key="wrong", max_retries=0, timeout=30)  # type: ignore[attr-defined]
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_printed_curl_example_works(stack: Serve):
+    curl = next(line for line in stack.stdout().splitlines() if line.startswith("curl "))
+    assert "$MGM_API_KEY" in curl and KEY not in stack.stdout()  # the key itself is never printed
+    url = re.search(r"curl -s (\S+)", curl)[1]  # type: ignore[index]
+    body = re.search(r"-d '(.*)'$", curl)[1]  # type: ignore[index]
+    r = httpx.post(url, content=body, headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
+                   timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"]
+
+
+def test_sigterm_stops_every_child(stack: Serve):
+    """Runs last in this module: SIGTERM → every child's process group empty, exit 0, within a bound."""
+    children = stack.children()
+    assert all(leftovers([pid]) for pid in children.values())  # all alive before
+    start = time.monotonic()
+    stack.proc.send_signal(signal.SIGTERM)
+    assert stack.wait_exit(60) == 0, stack.logs()
+    assert time.monotonic() - start < 60
+    assert leftovers(children.values()) == [], stack.logs()
+    assert "stopping signal=SIGTERM" in stack.stderr()
