@@ -8,6 +8,35 @@ by event as the engine sends them; an engine failure mid-stream ends the stream 
 
 Streaming: the gateway always asks the engine for the usage chunk (token metrics) and drops it again when the client
 did not ask for ``stream_options.include_usage``.
+
+Images (when ``sdxl_workers`` are configured; the pool is :mod:`server.gateway.sdxl_pool`): ``POST
+/v1/images/generations`` and ``GET /v1/files/images/{id}`` are documented in :mod:`server.gateway.generation`.
+
+Any-to-any chat (generation mode, mgm.md §7). A chat request with ``"modalities": ["text", "image"]`` (only
+``text`` and ``image`` are accepted there):
+
+* the official `` <GEN>`` suffix is appended to the text of the last user turn; the model answers in text;
+* the LAST complete ``<h>…</h>`` span of each choice's text (the official CLI's rule) is the SDXL prompt; the
+  text itself is returned unchanged (``message.content`` keeps the ``<h>`` span);
+* the image comes back in an extra field of the message, next to ``content``::
+
+      "message": {"role": "assistant", "content": "... <h>a red fox</h>",
+                  "images": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."},
+                              "caption": "a red fox"}]}
+
+  (the openai SDK keeps unknown fields: ``message.images`` / ``message.model_extra["images"]``). A choice without
+  a complete ``<h>`` span gets no ``images`` field;
+* optional ``"image_options"`` with the images API's fields ``size`` (default 1024x1024), ``response_format``
+  (``b64_json`` (default) → data URL, ``url`` → gateway URL), ``quality``, ``style``, ``seed``,
+  ``negative_prompt``, ``num_inference_steps``, ``guidance_scale``;
+* streaming: text chunks pass through as the engine sends them; after the engine's last chunk (and after the usage
+  chunk, if asked for) the gateway sends ONE more chunk, ``{"object": "chat.completion.chunk", "choices": [{"index":
+  i, "delta": {"images": [...]}, "finish_reason": null}, ...]}`` with the images of every choice that has a caption,
+  then ``data: [DONE]``. A failed image generation ends the stream with an SSE ``error`` event instead;
+  non-streaming it is the request's error (e.g. 503 + ``retry-after`` when no worker is up).
+
+The gateway never makes the model write a caption: what the engine returns is what is used (tests with random
+weights ask the engine for constrained decoding, ``structured_outputs``, in the request body).
 """
 
 from __future__ import annotations
@@ -17,7 +46,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -30,14 +59,26 @@ from server.gateway import errors
 from server.gateway.auth import check_bearer
 from server.gateway.config import GatewayConfig
 from server.gateway.errors import APIError
+from server.gateway.generation import (
+    GEN_SUFFIX,
+    ImageGenerationRequest,
+    ImageOptions,
+    ImageStore,
+    add_gen_suffix,
+    extract_caption,
+    image_entry,
+    parse_size,
+)
 from server.gateway.images import Resolver, check_data_url, fetch_image, system_resolver
 from server.gateway.metrics import GatewayMetrics
 from server.gateway.routing import Engine, EnginePool
 from server.gateway.schemas import ChatCompletionRequest
+from server.gateway.sdxl_pool import SDXLPool, gather_or_cancel, run_while_connected
 
 logger = logging.getLogger("mgm.gateway")
 
-ROUTES = ("/health", "/ready", "/metrics", "/v1/models", "/v1/chat/completions")
+ROUTES = ("/health", "/ready", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/images/generations")
+_FILES_PREFIX = "/v1/files/images/"
 _RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
@@ -51,7 +92,8 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        route = scope["path"] if scope["path"] in ROUTES else "other"
+        path = scope["path"]
+        route = path if path in ROUTES else ("/v1/files/images" if path.startswith(_FILES_PREFIX) else "other")
         status = 500
         start = time.perf_counter()
 
@@ -78,6 +120,8 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.client: httpx.AsyncClient | None = None
         self.pool: EnginePool | None = None
+        self.sdxl: SDXLPool | None = None
+        self.store = ImageStore(config.image_store_ttl_s, config.image_store_max_items, config.image_store_max_bytes)
         self.created = int(time.time())
 
     async def start(self) -> None:
@@ -87,6 +131,12 @@ class Gateway:
         self.pool = EnginePool(self.config.engines, self.client, probe_interval_s=self.config.probe_interval_s,
                                on_change=self._engine_changed)
         await self.pool.probe_all()
+        if self.config.sdxl_workers:
+            self.sdxl = SDXLPool(self.config.sdxl_workers, self.client, self.metrics,
+                                 max_in_flight=self.config.sdxl_max_in_flight, max_queue=self.config.sdxl_max_queue,
+                                 probe_interval_s=self.config.probe_interval_s, retry_after_s=self.config.retry_after_s,
+                                 job_timeout_s=self.config.sdxl_job_timeout_s)
+            await self.sdxl.probe_all()
         logger.info("gateway started", extra={"fields": {
             "engines": ",".join(self.config.engines), "up": sum(e.up for e in self.pool.engines),
             "models": ",".join(self.pool.models()), "auth": bool(self.config.api_keys),
@@ -95,6 +145,8 @@ class Gateway:
     async def stop(self) -> None:
         if self.pool is not None:
             await self.pool.close()
+        if self.sdxl is not None:
+            await self.sdxl.close()
         if self.client is not None:
             await self.client.aclose()
 
@@ -217,6 +269,9 @@ class Gateway:
         return errors.normalize_upstream(upstream.status_code, payload)
 
     async def complete(self, body: dict[str, Any]) -> Response:
+        return JSONResponse(await self.complete_payload(body))
+
+    async def complete_payload(self, body: dict[str, Any]) -> dict[str, Any]:
         tried: set[Engine] = set()
         while True:  # bounded by open_upstream: every engine at most once
             engine, upstream = await self.open_upstream(body, tried)
@@ -238,10 +293,13 @@ class Gateway:
                 payload = json.loads(raw)
             except ValueError:
                 raise _engine_error("The engine sent an invalid response.") from None
-            self._count_usage(payload.get("usage") if isinstance(payload, dict) else None)
-            return JSONResponse(payload)
+            if not isinstance(payload, dict):
+                raise _engine_error("The engine sent an invalid response.")
+            self._count_usage(payload.get("usage"))
+            return payload
 
-    async def stream(self, body: dict[str, Any], include_usage: bool) -> Response:
+    async def stream(self, body: dict[str, Any], include_usage: bool,
+                     wrap: Callable[[AsyncIterator[bytes]], AsyncIterator[bytes]] | None = None) -> Response:
         """Open a stream on an engine and wait for its first event before answering, so that an engine failing
         before then is retried elsewhere; after that, events pass through as they arrive."""
         body = {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
@@ -268,6 +326,8 @@ class Gateway:
                 await closer()
                 raise
             relay = self._relay(engine, events, first, include_usage, state, closer)
+            if wrap is not None:
+                relay = wrap(relay)
             return _ClosingStream(relay, closer, media_type="text/event-stream",
                                   headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
@@ -313,6 +373,110 @@ class Gateway:
         finally:
             await closer()
 
+    # --- images ----------------------------------------------------------------------------------------------------
+
+    def image_pool(self, param: str | None = None) -> SDXLPool:
+        if self.sdxl is None:
+            raise APIError(400, "Image generation is not configured on this gateway (no SDXL workers).", param=param,
+                           code="images_not_configured")
+        return self.sdxl
+
+    def image_size(self, size: str | None, param: str = "size") -> tuple[int, int]:
+        cfg = self.config
+        value = cfg.image_default_size if size in (None, "auto") else size
+        try:
+            return parse_size(value, cfg.image_min_side, cfg.image_max_side)
+        except ValueError as exc:
+            raise APIError(400, f"Invalid value for '{param}': {exc}.", param=param, code="invalid_value") from None
+
+    def _chat_model(self) -> str:
+        assert self.pool is not None
+        models = self.pool.models()
+        if models:
+            return models[0]
+        raise APIError(503, "No inference engine is available; retry shortly.", type_="server_error",
+                       code="engine_unavailable", headers={"retry-after": str(self.config.retry_after_s)})
+
+    async def enhance(self, prompt: str) -> tuple[str, str]:
+        """Paper Fig. 4 re-caption: ask the chat model in generation mode, take the last complete <h> span.
+        Returns (SDXL prompt, "enhanced" | "no_caption")."""
+        body = {"model": self._chat_model(), "messages": [{"role": "user", "content": prompt + GEN_SUFFIX}],
+                "max_tokens": self.config.enhance_max_tokens, "temperature": self.config.enhance_temperature,
+                "add_special_tokens": True}
+        payload = await self.complete_payload(body)
+        try:
+            text = payload["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            text = ""
+        caption = extract_caption(text)
+        return (caption, "enhanced") if caption else (prompt, "no_caption")
+
+    async def caption_images(self, captions: dict[int, str], options: ImageOptions, size: tuple[int, int],
+                             base_url: str) -> dict[int, list[dict[str, Any]]]:
+        """One image per caption (choice index → caption), as ``message.images`` entries."""
+        pool = self.image_pool("modalities")
+        fmt = options.response_format or "b64_json"
+
+        async def one(caption: str) -> list[dict[str, Any]]:
+            items = await pool.generate(options.worker_payload(caption, 1, *size))
+            out = []
+            for item in items:
+                entry = image_entry(item, fmt, self.store, base_url)
+                url = entry.get("url") or "data:image/png;base64," + entry["b64_json"]
+                out.append({"type": "image_url", "image_url": {"url": url}, "caption": caption})
+            return out
+
+        indices = sorted(captions)
+        results = await gather_or_cancel([one(captions[i]) for i in indices])
+        self.metrics.images_generated.labels("/v1/chat/completions").inc(sum(len(r) for r in results))
+        return dict(zip(indices, results))
+
+    def image_stream(self, options: ImageOptions, size: tuple[int, int], base_url: str
+                     ) -> Callable[[AsyncIterator[bytes]], AsyncIterator[bytes]]:
+        """Wraps a chat stream: collects each choice's text; before ``[DONE]`` sends one chunk with the images."""
+
+        async def wrap(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+            texts: dict[int, str] = {}
+            meta: dict[str, Any] = {}
+            async for event in events:
+                done = False
+                for line in event.splitlines():
+                    if not line.startswith(b"data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        done = True
+                        break
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError:
+                        continue
+                    if not isinstance(chunk, dict):
+                        continue
+                    for key in ("id", "created", "model"):
+                        meta.setdefault(key, chunk.get(key))
+                    for choice in chunk.get("choices") or []:
+                        delta = choice.get("delta") or {}
+                        index = int(choice.get("index") or 0)
+                        texts[index] = texts.get(index, "") + (delta.get("content") or "")
+                if done:
+                    captions = {i: c for i, t in texts.items() if (c := extract_caption(t))}
+                    if captions:
+                        try:
+                            images = await self.caption_images(captions, options, size, base_url)
+                        except APIError as exc:
+                            yield b"event: error\ndata: " + json.dumps(exc.body()).encode() + b"\n\n"
+                            return
+                        chunk = {"id": meta.get("id"), "object": "chat.completion.chunk",
+                                 "created": meta.get("created") or int(time.time()), "model": meta.get("model"),
+                                 "choices": [{"index": i, "delta": {"images": images[i]}, "logprobs": None,
+                                              "finish_reason": None} for i in sorted(images)],
+                                 "usage": None}
+                        yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
+                yield event
+
+        return wrap
+
 
 class _Closer:
     """Closes the engine response and frees the engine slot exactly once (from the relay or the response)."""
@@ -354,6 +518,30 @@ async def _sse_events(upstream: httpx.Response) -> AsyncIterator[bytes]:
             yield event
     if buf.strip():
         yield buf + b"\n\n"
+
+
+def _generation_mode(body: dict[str, Any]) -> ImageOptions | None:
+    """Pops ``modalities`` and ``image_options`` from the body; the image options when an image is asked for."""
+    modalities = body.pop("modalities", None)
+    options = body.pop("image_options", None)
+    if modalities is None:
+        if options is not None:
+            raise APIError(400, "'image_options' needs \"modalities\": [\"text\", \"image\"].",
+                           param="image_options", code="invalid_value")
+        return None
+    if not isinstance(modalities, list) or not all(m in ("text", "image") for m in modalities) or not modalities:
+        raise APIError(400, "Invalid value for 'modalities': a list of \"text\" and \"image\".", param="modalities",
+                       code="invalid_value")
+    if "image" not in modalities:
+        return None
+    try:
+        return ImageOptions.model_validate(options or {})
+    except ValidationError as exc:
+        err = errors.validation_error(exc.errors())
+        if err.param:
+            err.message = err.message.replace(f"'{err.param}'", f"'image_options.{err.param}'")
+            err.param = "image_options." + err.param
+        raise err from None
 
 
 def _timeout() -> APIError:
@@ -402,11 +590,20 @@ def create_app(config: GatewayConfig, resolver: Resolver = system_resolver) -> F
         for engine in pool.engines:
             if not engine.up:
                 pool.mark_down(engine, "probe failed")
-        if not pool.any_up:
-            err = APIError(503, "No inference engine is reachable.", type_="server_error", code="not_ready",
+        extra: dict[str, Any] = {}
+        sdxl = gateway.sdxl
+        if sdxl is not None:
+            await asyncio.gather(*(sdxl.probe(w) for w in sdxl.workers))
+            for worker in sdxl.workers:
+                if not worker.up:
+                    await sdxl.mark_down(worker, "probe failed")
+            extra["workers"] = sdxl.status()
+        if not pool.any_up or (sdxl is not None and not sdxl.any_up):
+            what = "inference engine" if not pool.any_up else "SDXL worker"
+            err = APIError(503, f"No {what} is reachable.", type_="server_error", code="not_ready",
                            headers={"retry-after": str(config.retry_after_s)})
-            return JSONResponse({**err.body(), "engines": engines}, status_code=503, headers=err.headers)
-        return JSONResponse({"status": "ready", "engines": engines})
+            return JSONResponse({**err.body(), "engines": engines, **extra}, status_code=503, headers=err.headers)
+        return JSONResponse({"status": "ready", "engines": engines, **extra})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -419,9 +616,7 @@ def create_app(config: GatewayConfig, resolver: Resolver = system_resolver) -> F
                 for m in gateway.model_ids()]
         return JSONResponse({"object": "list", "data": data})
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        authorize(request)  # before the body is even parsed
+    async def read_json(request: Request) -> Any:
         data = bytearray()
         async for piece in request.stream():  # bounded by the body cap
             data += piece
@@ -429,9 +624,14 @@ def create_app(config: GatewayConfig, resolver: Resolver = system_resolver) -> F
                 raise APIError(413, f"Request body is larger than {config.max_body_bytes} bytes.",
                                code="request_too_large")
         try:
-            raw = json.loads(data)
+            return json.loads(data)
         except ValueError:
             raise APIError(400, "We could not parse the JSON body of your request.", code="invalid_json") from None
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        authorize(request)  # before the body is even parsed
+        raw = await read_json(request)
         try:
             req = ChatCompletionRequest.model_validate(raw)
         except ValidationError as exc:
@@ -449,10 +649,65 @@ def create_app(config: GatewayConfig, resolver: Resolver = system_resolver) -> F
         # vLLM's chat path tokenises without special tokens, but the official MGM prompt ids start with BOS: ask
         # for it (image prompts get the official ids either way; the engine's processor rebuilds them).
         body.setdefault("add_special_tokens", True)
+        generation = _generation_mode(body)
+        size = (0, 0)
+        if generation is not None:
+            gateway.image_pool("modalities")
+            add_gen_suffix(body["messages"])
+            size = gateway.image_size(generation.size, "image_options.size")
         await gateway.inline_images(body)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await gateway.stream(body, include_usage)
-        return await gateway.complete(body)
+            wrap = None if generation is None else gateway.image_stream(generation, size, str(request.base_url))
+            return await gateway.stream(body, include_usage, wrap)
+        if generation is None:
+            return await gateway.complete(body)
+        payload = await gateway.complete_payload(body)
+        captions: dict[int, str] = {}
+        for choice in payload.get("choices") or []:
+            text = (choice.get("message") or {}).get("content")
+            if isinstance(text, str) and (caption := extract_caption(text)):
+                captions[int(choice.get("index") or 0)] = caption
+        if captions:
+            images = await run_while_connected(request, gateway.caption_images(captions, generation, size,
+                                                                               str(request.base_url)))
+            for choice in payload["choices"]:
+                if (index := int(choice.get("index") or 0)) in images:
+                    choice["message"]["images"] = images[index]
+        return JSONResponse(payload)
+
+    @app.post("/v1/images/generations")
+    async def images_generations(request: Request) -> Response:
+        authorize(request)
+        raw = await read_json(request)
+        try:
+            req = ImageGenerationRequest.model_validate(raw)
+        except ValidationError as exc:
+            raise errors.validation_error(exc.errors()) from None
+        if unknown := sorted(req.model_extra or {}):
+            logger.info("image request has fields this gateway ignores", extra={"fields": {"fields": ",".join(unknown)}})
+        pool = gateway.image_pool()
+        if req.model is not None and req.model != config.image_model_name:
+            raise APIError(404, f"The model '{req.model}' does not exist.", param="model", code="model_not_found")
+        width, height = gateway.image_size(req.size)
+        pool.admit(len(pool.split(req.n)))  # fail fast (429/503) before spending engine time on the prompt
+        if req.enhance_prompt:
+            prompt, how = await run_while_connected(request, gateway.enhance(req.prompt))
+        else:
+            prompt, how = req.prompt, "disabled"
+        items = await run_while_connected(request, pool.generate(req.worker_payload(prompt, req.n, width, height)))
+        fmt = req.response_format or "url"
+        base_url = str(request.base_url)
+        data = [{**image_entry(item, fmt, gateway.store, base_url), "revised_prompt": prompt} for item in items]
+        gateway.metrics.images_generated.labels("/v1/images/generations").inc(len(data))
+        return JSONResponse({"created": int(time.time()), "data": data, "size": f"{width}x{height}",
+                             "output_format": "png", "prompt_enhancement": how})
+
+    @app.get("/v1/files/images/{image_id}")
+    async def image_file(image_id: str) -> Response:
+        data = gateway.store.get(image_id)
+        if data is None:
+            raise APIError(404, "No such image (unknown or expired).", param="image_id", code="not_found")
+        return Response(data, media_type="image/png", headers={"cache-control": "private, max-age=3600"})
 
     return app

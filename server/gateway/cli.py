@@ -32,6 +32,12 @@ def add_gateway(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     p.add_argument("--sdxl-worker", action="append", default=None, metavar="URL",
                    help="SDXL worker URL, repeatable (default: $MGM_SDXL_WORKERS); lists the image model")
     p.add_argument("--image-model-name", default=env("MGM_IMAGE_MODEL_NAME", "sdxl"))
+    p.add_argument("--sdxl-max-in-flight", type=int, default=env("MGM_SDXL_MAX_IN_FLIGHT", "2"),
+                   help="image jobs one worker gets from the gateway at a time")
+    p.add_argument("--sdxl-max-queue", type=int, default=env("MGM_SDXL_GATEWAY_QUEUE", "32"),
+                   help="image jobs waiting in the gateway for a worker; beyond that 429")
+    p.add_argument("--image-url-ttl", type=float, default=env("MGM_IMAGE_URL_TTL", "3600"),
+                   help="seconds a response_format=url image stays downloadable")
     p.add_argument("--allowed-image-domains", type=_csv, default=env("MGM_ALLOWED_IMAGE_DOMAINS", ""),
                    help="comma-separated host names (and subdomains) image URLs may point to; empty = any public host")
     p.add_argument("--max-image-bytes", type=int, default=env("MGM_MAX_IMAGE_BYTES", str(20 * 1024 * 1024)))
@@ -56,7 +62,8 @@ def run_gateway(args: argparse.Namespace) -> int:
     try:
         config = GatewayConfig(
             engines=tuple(engines), api_keys=tuple(keys), model_name=args.model_name, sdxl_workers=tuple(workers),
-            image_model_name=args.image_model_name,
+            image_model_name=args.image_model_name, sdxl_max_in_flight=args.sdxl_max_in_flight,
+            sdxl_max_queue=args.sdxl_max_queue, image_store_ttl_s=args.image_url_ttl,
             images=ImagePolicy(timeout_s=args.image_fetch_timeout, max_bytes=args.max_image_bytes,
                                max_pixels=args.max_image_pixels, allowed_domains=tuple(d.lower() for d in domains),
                                allow_loopback=args.unsafe_allow_loopback_images))

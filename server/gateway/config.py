@@ -28,9 +28,23 @@ class GatewayConfig:
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty = no auth; never logged
     #: Extra model id clients may use for the chat model (the engines' own id is always accepted).
     model_name: str | None = None
-    #: SDXL worker URLs: only listed here so /v1/models shows the image model (the pool is not part of the gateway yet).
+    #: SDXL worker URLs (``mgm sdxl-worker``); empty = no image generation (the image routes answer 400).
     sdxl_workers: tuple[str, ...] = ()
     image_model_name: str = "sdxl"
+    sdxl_max_in_flight: int = 2  # jobs one worker gets from the gateway at a time
+    sdxl_max_queue: int = 32  # jobs waiting in the gateway for a worker; beyond that → 429
+    sdxl_job_timeout_s: float = 600.0
+    #: Image sizes: any "WxH" with both sides multiples of 8 in [min, max] (the worker's own limits by default).
+    image_min_side: int = 64
+    image_max_side: int = 2048
+    image_default_size: str = "1024x1024"
+    #: Generated images kept for ``response_format=url`` (served at /v1/files/images/{id}).
+    image_store_ttl_s: float = 3600.0
+    image_store_max_items: int = 512
+    image_store_max_bytes: int = 512 * 1024 * 1024
+    #: Prompt enhancement (images API): max new tokens and temperature of the MGM re-caption call.
+    enhance_max_tokens: int = 128
+    enhance_temperature: float = 0.2
     images: ImagePolicy = ImagePolicy()
     max_body_bytes: int = 64 * 1024 * 1024  # request body cap (413 above)
     connect_timeout_s: float = 3.0
@@ -39,6 +53,11 @@ class GatewayConfig:
     retry_after_s: int = 2  # hint sent with 503 when no engine is up
 
     def __post_init__(self) -> None:
+        if self.sdxl_max_in_flight < 1 or self.sdxl_max_queue < 0 or self.image_store_ttl_s <= 0:
+            raise ValueError("sdxl_max_in_flight must be >= 1, sdxl_max_queue >= 0, image_store_ttl_s > 0")
+        for url in self.sdxl_workers:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"SDXL worker URL must start with http:// or https://, got {url!r}")
         if not self.engines:
             raise ValueError("at least one engine URL is required")
         for url in self.engines:

@@ -26,3 +26,14 @@ class GatewayMetrics:
                                       registry=r)
         self.image_fetches = Counter("mgm_gateway_image_fetches", "Remote image fetches by outcome", ["outcome"],
                                      registry=r)
+        self.sdxl_queue_depth = Gauge("mgm_gateway_sdxl_queue_depth", "Image jobs waiting in the gateway for a worker",
+                                      registry=r)
+        self.sdxl_in_flight = Gauge("mgm_gateway_sdxl_in_flight", "Image jobs sent to workers and not answered yet",
+                                    registry=r)
+        self.sdxl_latency = Histogram("mgm_gateway_sdxl_latency_seconds", "Worker round trip of one image job",
+                                      buckets=_LATENCY_BUCKETS, registry=r)
+        self.sdxl_worker_up = Gauge("mgm_gateway_sdxl_worker_up", "1 when the SDXL worker is ready, else 0", ["worker"],
+                                    registry=r)
+        self.sdxl_retries = Counter("mgm_gateway_sdxl_retries", "Image jobs moved to another worker", registry=r)
+        self.images_generated = Counter("mgm_gateway_images_generated", "Images returned by route", ["route"],
+                                        registry=r)

@@ -1,6 +1,7 @@
 """Gateway test fixtures: a real uvicorn per gateway (thread, free loopback port), a local image HTTP server
-(127.0.0.1, so gateways under test set the test-only ``allow_loopback``), and ONE real ``mgm engine`` on the tiny
-checkpoint for the whole session (started with the helpers of loadtests/engine_throughput.py)."""
+(127.0.0.1, so gateways under test set the test-only ``allow_loopback``), ONE real ``mgm engine`` on the tiny
+checkpoint for the whole session (started with the helpers of loadtests/engine_throughput.py), and two real
+``mgm sdxl-worker`` processes on a tiny SDXL pipeline for the image tests."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import contextlib
 import io
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -172,3 +175,69 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
         except Exception:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+
+
+# --- SDXL workers (tiny random pipeline) for the image tests ---------------------------------------------------------
+
+SDXL_FLAGS = ["--threads", "1", "--max-batch", "4", "--max-queue", "8", "--batch-wait-ms", "20", "--warmup-steps", "1",
+              "--job-timeout", "120"]
+
+
+@dataclass
+class SDXLWorkerProc:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+
+def _start_sdxl_worker(model: Path, log: Path) -> SDXLWorkerProc:
+    port = free_port()
+    cmd = [sys.executable, "-m", "server", "sdxl-worker", "--model", str(model), "--host", "127.0.0.1", "--port",
+           str(port), *SDXL_FLAGS]
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    return SDXLWorkerProc(f"http://127.0.0.1:{port}", proc, log)
+
+
+def _wait_sdxl_ready(worker: SDXLWorkerProc, timeout: float = 180) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:  # bounded by the deadline
+        assert worker.proc.poll() is None, f"sdxl-worker exited:\n{worker.log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"sdxl-worker not ready:\n{worker.log.read_text()[-3000:]}"
+        try:
+            if httpx.get(worker.url + "/ready", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def sdxl_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[SDXLWorkerProc]]:
+    """TWO live ``mgm sdxl-worker`` processes on one tiny random SDXL pipeline. Tests may kill the second one
+    (``sdxl_workers[1].kill()``); the first stays up for the session."""
+    from server.sdxl.tiny import build_tiny_sdxl
+
+    root = tmp_path_factory.mktemp("gateway-sdxl")
+    model = build_tiny_sdxl(root / "tiny-sdxl", seed=0)
+    workers = [_start_sdxl_worker(model, root / f"worker{i}.log") for i in range(2)]
+    try:
+        for worker in workers:
+            _wait_sdxl_ready(worker)
+        yield workers
+    finally:
+        for worker in workers:
+            if worker.proc.poll() is None:
+                worker.proc.send_signal(signal.SIGTERM)
+                try:
+                    worker.proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    worker.kill()

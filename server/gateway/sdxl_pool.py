@@ -1,0 +1,287 @@
+"""The gateway's SDXL worker pool (``mgm sdxl-worker`` processes, ``POST /v1/generate``).
+
+* **Routing**: each job goes to the up worker with the fewest jobs in flight from this gateway (ties: the first
+  listed). A worker takes at most ``max_in_flight`` jobs at a time from the gateway (one running, the rest queued in
+  the worker where it can batch them).
+* **Bounded queue**: when every up worker is at its cap, a job waits in the gateway; at most ``max_queue`` jobs
+  wait, beyond that the request gets 429 ``queue_full`` with ``retry-after``.
+* **Retries**: a worker that refuses the connection, drops it, or answers 503 is marked down and the job moves to
+  another worker (each worker at most once per job); a down worker is re-probed (``GET /ready``) every
+  ``probe_interval_s`` until it answers again. With no worker left: 503 ``image_worker_unavailable`` with
+  ``retry-after``. A worker's 429 moves the job on as well (without marking it down); if every worker refuses, the
+  429 is passed on.
+* **Splitting**: a request for more images than a worker's ``max_batch`` (learnt from its ``/ready``) becomes
+  several jobs run concurrently; with a ``seed``, job k starts at ``seed + (images before it)`` so image i always
+  gets seed ``seed + i`` (the worker seeds image j of a job with ``seed + j``).
+* **Cancellation**: :func:`run_while_connected` cancels the generation when the client disconnects; cancelling the
+  upstream httpx request closes its connection, which the worker notices and drops the job.
+* **Metrics** (``GatewayMetrics``): ``mgm_gateway_sdxl_queue_depth``, ``mgm_gateway_sdxl_in_flight``,
+  ``mgm_gateway_sdxl_latency_seconds`` (per successful job), ``mgm_gateway_sdxl_worker_up{worker}``,
+  ``mgm_gateway_sdxl_retries``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import httpx
+from fastapi import Request
+
+from server.gateway.errors import APIError, normalize_upstream
+from server.gateway.metrics import GatewayMetrics
+
+logger = logging.getLogger("mgm.gateway.sdxl")
+
+_RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+T = TypeVar("T")
+
+
+@dataclass(eq=False)
+class SDXLWorker:
+    url: str
+    up: bool = False
+    in_flight: int = 0
+    max_batch: int = 4  # images per job; refreshed from the worker's /ready
+    probe_task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class SDXLPool:
+    def __init__(self, urls: tuple[str, ...], client: httpx.AsyncClient, metrics: GatewayMetrics, *,
+                 max_in_flight: int = 2, max_queue: int = 32, probe_interval_s: float = 2.0,
+                 probe_timeout_s: float = 2.0, retry_after_s: int = 2, job_timeout_s: float = 600.0) -> None:
+        self.workers = [SDXLWorker(u.rstrip("/")) for u in urls]
+        self.client, self.metrics = client, metrics
+        self.max_in_flight, self.max_queue = max_in_flight, max_queue
+        self.probe_interval_s, self.probe_timeout_s = probe_interval_s, probe_timeout_s
+        self.retry_after_s, self.job_timeout_s = retry_after_s, job_timeout_s
+        self.waiting = 0
+        self._changed = asyncio.Condition()
+        self._closed = False
+
+    # --- probing ---------------------------------------------------------------------------------------------------
+
+    async def probe(self, worker: SDXLWorker) -> bool:
+        """``GET /ready``: 200 = up (and its ``max_batch``); anything else = down."""
+        try:
+            r = await self.client.get(worker.url + "/ready", timeout=self.probe_timeout_s)
+            ok = r.status_code == 200
+            if ok:
+                worker.max_batch = max(1, int(r.json().get("max_batch", worker.max_batch)))
+        except (httpx.HTTPError, ValueError, TypeError, AttributeError):
+            ok = False
+        await self._set(worker, ok)
+        return ok
+
+    async def probe_all(self) -> None:
+        await asyncio.gather(*(self.probe(w) for w in self.workers))
+        for worker in self.workers:
+            if not worker.up:
+                self._start_reprobe(worker)
+
+    async def _set(self, worker: SDXLWorker, up: bool) -> None:
+        if worker.up != up:
+            logger.log(logging.INFO if up else logging.WARNING, "sdxl worker %s", "up" if up else "down",
+                       extra={"fields": {"worker": worker.url}})
+        worker.up = up
+        self.metrics.sdxl_worker_up.labels(worker.url).set(1 if up else 0)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def mark_down(self, worker: SDXLWorker, reason: str) -> None:
+        if worker.up:
+            logger.warning("marking sdxl worker down", extra={"fields": {"worker": worker.url, "reason": reason}})
+        await self._set(worker, False)
+        self._start_reprobe(worker)
+
+    def _start_reprobe(self, worker: SDXLWorker) -> None:
+        if self._closed or (worker.probe_task is not None and not worker.probe_task.done()):
+            return
+        worker.probe_task = asyncio.get_running_loop().create_task(self._reprobe(worker))
+
+    async def _reprobe(self, worker: SDXLWorker) -> None:
+        while not self._closed and not worker.up:  # ends when the worker is back or the pool closes
+            await asyncio.sleep(self.probe_interval_s)
+            if not self._closed:
+                await self.probe(worker)
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = [w.probe_task for w in self.workers if w.probe_task is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    @property
+    def any_up(self) -> bool:
+        return any(w.up for w in self.workers)
+
+    def status(self) -> list[dict[str, Any]]:
+        return [{"url": w.url, "up": w.up, "in_flight": w.in_flight, "max_batch": w.max_batch} for w in self.workers]
+
+    # --- slots -----------------------------------------------------------------------------------------------------
+
+    def _free(self, exclude: set[SDXLWorker]) -> SDXLWorker | None:
+        candidates = [w for w in self.workers if w.up and w not in exclude and w.in_flight < self.max_in_flight]
+        return min(candidates, key=lambda w: w.in_flight) if candidates else None
+
+    def _gauges(self) -> None:
+        self.metrics.sdxl_queue_depth.set(self.waiting)
+        self.metrics.sdxl_in_flight.set(sum(w.in_flight for w in self.workers))
+
+    def _unavailable(self) -> APIError:
+        return APIError(503, "No image worker is available; retry shortly.", type_="server_error",
+                        code="image_worker_unavailable", headers={"retry-after": str(self.retry_after_s)})
+
+    def _queue_full(self) -> APIError:
+        return APIError(429, f"The image queue is full ({self.max_queue} jobs waiting); retry later.",
+                        code="queue_full", headers={"retry-after": str(self.retry_after_s)})
+
+    def admit(self, jobs: int) -> None:
+        """Refuse a request up front (429) when its jobs would not fit in the free slots plus the queue."""
+        if not self.any_up:
+            raise self._unavailable()
+        free = sum(max(0, self.max_in_flight - w.in_flight) for w in self.workers if w.up)
+        if self.waiting + max(0, jobs - free) > self.max_queue:
+            raise self._queue_full()
+
+    async def _acquire(self, tried: set[SDXLWorker], last_error: APIError | None) -> SDXLWorker:
+        """A slot on the least loaded up worker not in ``tried``; waits (bounded queue) while all are busy."""
+        worker = self._free(tried)
+        if worker is None:
+            if not any(w.up and w not in tried for w in self.workers):
+                raise last_error or self._unavailable()
+            if self.waiting >= self.max_queue:
+                raise self._queue_full()
+            self.waiting += 1
+            self._gauges()
+            try:
+                async with self._changed:
+                    while (worker := self._free(tried)) is None:  # woken by every release and up/down change
+                        if not any(w.up and w not in tried for w in self.workers):
+                            raise last_error or self._unavailable()
+                        await self._changed.wait()
+            finally:
+                self.waiting -= 1
+                self._gauges()
+        worker.in_flight += 1
+        self._gauges()
+        return worker
+
+    async def _release(self, worker: SDXLWorker) -> None:
+        worker.in_flight -= 1
+        self._gauges()
+        async with self._changed:
+            self._changed.notify_all()
+
+    # --- jobs ------------------------------------------------------------------------------------------------------
+
+    async def run_job(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
+        """One ``/v1/generate`` call (``payload["n"]`` ≤ every worker's ``max_batch``), retried elsewhere on a dead
+        worker. Returns the worker's ``data`` items (``b64_json``, ``seed``)."""
+        tried: set[SDXLWorker] = set()
+        last_error: APIError | None = None
+        while True:  # bounded: every worker at most once
+            worker = await self._acquire(tried, last_error)
+            tried.add(worker)
+            start = time.perf_counter()
+            try:
+                r = await self.client.post(worker.url + "/v1/generate", json=payload, timeout=httpx.Timeout(
+                    self.job_timeout_s, connect=self.probe_timeout_s))
+            except _RETRYABLE as exc:
+                await self.mark_down(worker, type(exc).__name__)
+                self.metrics.sdxl_retries.inc()
+                last_error = self._unavailable()
+                continue
+            except httpx.TimeoutException:
+                raise APIError(504, "The image worker did not answer in time.", type_="server_error",
+                               code="image_worker_timeout") from None
+            finally:
+                await self._release(worker)
+            if r.status_code == 200:
+                self.metrics.sdxl_latency.observe(time.perf_counter() - start)
+                try:
+                    return list(r.json()["data"])
+                except (ValueError, KeyError, TypeError):
+                    raise APIError(502, "The image worker sent an invalid response.", type_="server_error",
+                                   code="image_worker_error") from None
+            try:
+                body = r.json()
+            except ValueError:
+                body = None
+            if r.status_code == 503:  # not ready / shutting down: take it out and try another
+                await self.mark_down(worker, "503")
+                self.metrics.sdxl_retries.inc()
+                last_error = self._unavailable()
+                continue
+            if r.status_code == 429:  # its own queue is full: try another, else pass the 429 on
+                self.metrics.sdxl_retries.inc()
+                err = normalize_upstream(429, body)
+                err.headers = {"retry-after": r.headers.get("retry-after", str(self.retry_after_s))}
+                last_error = err
+                continue
+            raise normalize_upstream(r.status_code, body)
+
+    def split(self, n: int) -> list[int]:
+        """Images per job for a request of ``n`` images (the smallest ``max_batch`` of the up workers)."""
+        per_job = min((w.max_batch for w in self.workers if w.up), default=4)
+        sizes = [per_job] * (n // per_job)
+        if n % per_job:
+            sizes.append(n % per_job)
+        return sizes
+
+    async def generate(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
+        """``payload`` as for the worker, any ``n``: split into jobs, run concurrently, images in order."""
+        sizes = self.split(int(payload.get("n", 1)))
+        self.admit(len(sizes))
+        jobs = []
+        offset = 0
+        for size in sizes:
+            job = {**payload, "n": size}
+            if payload.get("seed") is not None:
+                job["seed"] = payload["seed"] + offset
+            offset += size
+            jobs.append(self.run_job(job))
+        if len(jobs) == 1:
+            return await jobs[0]
+        results = await gather_or_cancel(jobs)
+        return [item for items in results for item in items]
+
+
+async def gather_or_cancel(aws: list[Awaitable[T]]) -> list[T]:
+    """``asyncio.gather``, but the first failure (or our own cancellation) cancels the others, so no upstream
+    request outlives the caller."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def run_while_connected(request: Request, work: Awaitable[T], poll_s: float = 0.1) -> T:
+    """Await ``work``, cancelling it (and so closing its upstream requests) when the client disconnects."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:  # ends with the task or the client
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+                raise APIError(499, "The client closed the request.", code="client_closed")
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
