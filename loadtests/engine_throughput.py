@@ -16,7 +16,6 @@ import io
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,13 +24,9 @@ from pathlib import Path
 
 import httpx
 
+from server.procs import free_port, http_ok
+
 TINY = Path(".cache/tiny-mgm")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def image_data_url(seed: int, size: int = 64) -> str:
@@ -61,11 +56,8 @@ def wait_ready(proc: subprocess.Popen, base: str, timeout: float = 300) -> None:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"engine exited with {proc.returncode} before it was ready")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
+        if http_ok(f"{base}/health"):
+            return
         time.sleep(1)
     raise TimeoutError(f"engine not ready after {timeout:.0f} s")
 

@@ -172,6 +172,22 @@ def _tiny(kind: str, out: Path, marker: str, args: argparse.Namespace, stop: _St
     return out
 
 
+def _checkpoint(given: Path | None, kind: str, tiny: Path, marker: str, what: str, args: argparse.Namespace,
+                stop: _Stop, logs: Path, random_weights: list[str]) -> tuple[Path | None, int]:
+    """The directory to serve: ``given`` when it holds ``marker``, else the tiny one (built when missing, noted in
+    ``random_weights``). (None, exit status) when there is nothing to serve."""
+    if given is None:
+        built = _tiny(kind, tiny, marker, args, stop, logs)
+        if built is None:
+            return None, 0 if stop.event.is_set() else 1
+        random_weights.append(str(built))
+        return built, 0
+    if not (given / marker).is_file():
+        logger.error(f"not a {what} directory (no {marker})", extra={"fields": {"path": str(given)}})
+        return None, 2
+    return given, 0
+
+
 def _port_problem(host: str, port: int) -> str | None:
     """Why the gateway could not bind ``host:port`` (None when it can), checked before anything starts."""
     import socket
@@ -216,28 +232,17 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace, cache: Path, logs: Path, stop: _Stop) -> int:
-    random_weights = []
-    model = args.model
+    random_weights: list[str] = []
+    model, status = _checkpoint(args.model, "build-tiny", cache / "tiny-mgm", "config.json", "checkpoint",
+                                args, stop, logs, random_weights)
     if model is None:
-        model = _tiny("build-tiny", cache / "tiny-mgm", "config.json", args, stop, logs)
-        if model is None:
-            return 0 if stop.event.is_set() else 1
-        random_weights.append(str(model))
-    elif not (model / "config.json").is_file():
-        logger.error("not a checkpoint directory (no config.json)", extra={"fields": {"model": str(model)}})
-        return 2
+        return status
     image_model = None
     if args.sdxl_workers > 0:
-        image_model = args.image_model
+        image_model, status = _checkpoint(args.image_model, "build-tiny-sdxl", cache / "tiny-sdxl",
+                                          "model_index.json", "diffusers pipeline", args, stop, logs, random_weights)
         if image_model is None:
-            image_model = _tiny("build-tiny-sdxl", cache / "tiny-sdxl", "model_index.json", args, stop, logs)
-            if image_model is None:
-                return 0 if stop.event.is_set() else 1
-            random_weights.append(str(image_model))
-        elif not (image_model / "model_index.json").is_file():
-            logger.error("not a diffusers pipeline directory (no model_index.json)",
-                         extra={"fields": {"image_model": str(image_model)}})
-            return 2
+            return status
     if random_weights:
         logger.warning("serving tiny checkpoints with RANDOM weights: chat answers are gibberish and images are "
                        "noise, by design; pass --model / --image-model for real ones",

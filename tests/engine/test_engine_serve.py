@@ -8,7 +8,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from PIL import Image
 from engine.prompt import chat_template, expand_image_tokens, render_prompt, tokenize_official
 from engine.serving import prepare_serving_files
 from server.cli import VLLM_SERVER_MODULE, build_parser, engine_command, main
+from server.procs import free_port
 
 
 def _command(argv: list[str], environ: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
@@ -94,12 +94,6 @@ def test_serving_files(tiny_checkpoint, tiny_tokenizer, tmp_path, backbone):
 # --- one real server ----------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict) -> tuple[int, dict]:  # type: ignore[type-arg]
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:
@@ -117,7 +111,7 @@ def _png_url(image: Image.Image) -> str:
 
 def test_openai_server_image_chat(tiny_checkpoint, tiny_tokenizer, tmp_path):
     model = tiny_checkpoint("llama")
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "server.log", "w")
     env = {**os.environ, "MGM_KV_CACHE_GIB": "1", "MGM_SERVING_DIR": str(tmp_path / "serving")}
     server = subprocess.Popen(

@@ -27,7 +27,8 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(str(c) for c in sort
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from loadtests.engine_throughput import free_port, start_engine, wait_ready  # noqa: E402
+from loadtests.engine_throughput import start_engine, wait_ready
+from server.procs import free_port  # noqa: E402
 
 
 def png_bytes(size: tuple[int, int] = (40, 70), color: tuple[int, int, int] = (30, 60, 200)) -> bytes:

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from loadtests.engine_throughput import free_port
+from server.procs import free_port
 from server.gateway.config import GatewayConfig
 
 KEY = "sk-test-gateway"

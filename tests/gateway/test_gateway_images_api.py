@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtests.engine_throughput import free_port
+from server.procs import free_port
 from server.gateway.config import GatewayConfig
 
 KEY = "sk-images-test"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sdxl_live import free_port
+from server.procs import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import socket
 import time
 from collections.abc import Callable
 
@@ -16,12 +15,6 @@ from prometheus_client.parser import text_string_to_metric_families
 SMALL = {"prompt": "a red fox in the snow", "width": 64, "height": 64, "num_inference_steps": 3}
 #: A slow one: 256², 200 steps (several seconds), to keep the single inference thread busy.
 SLOW = {"prompt": "slow", "width": 256, "height": 256, "num_inference_steps": 200, "seed": 0}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def metric(url: str, name: str, **labels: str) -> float:

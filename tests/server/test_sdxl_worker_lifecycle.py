@@ -16,7 +16,9 @@ import time
 import httpx
 import pytest
 import torch
-from sdxl_live import SLOW, SMALL, assert_error, free_port, metric, wait_for
+from sdxl_live import SLOW, SMALL, assert_error, metric, wait_for
+
+from server.procs import free_port
 from server.sdxl.pipeline import SDXLRunner
 from server.sdxl.worker import WorkerConfig, create_app
 
