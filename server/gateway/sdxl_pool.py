@@ -15,6 +15,9 @@
   gets seed ``seed + i`` (the worker seeds image j of a job with ``seed + j``).
 * **Cancellation**: :func:`run_while_connected` cancels the generation when the client disconnects; cancelling the
   upstream httpx request closes its connection, which the worker notices and drops the job.
+* **Discovery**: with ``discover_interval_s > 0`` a worker URL whose host is a DNS name (a headless Service) stands
+  for every address it resolves to, re-resolved that often (:mod:`server.gateway.discovery`): new workers are
+  probed and join, vanished ones leave (jobs already on them finish).
 * **Metrics** (``GatewayMetrics``): ``mgm_gateway_sdxl_queue_depth``, ``mgm_gateway_sdxl_in_flight``,
   ``mgm_gateway_sdxl_latency_seconds`` (per successful job), ``mgm_gateway_sdxl_worker_up{worker}``,
   ``mgm_gateway_sdxl_retries``.
@@ -33,6 +36,7 @@ from typing import Any, TypeVar
 import httpx
 from fastapi import Request
 
+from server.gateway.discovery import BackendDiscovery, Resolve, reconcile
 from server.gateway.errors import APIError, normalize_upstream
 from server.gateway.metrics import GatewayMetrics
 
@@ -54,7 +58,8 @@ class SDXLWorker:
 class SDXLPool:
     def __init__(self, urls: tuple[str, ...], client: httpx.AsyncClient, metrics: GatewayMetrics, *,
                  max_in_flight: int = 2, max_queue: int = 32, probe_interval_s: float = 2.0,
-                 probe_timeout_s: float = 2.0, retry_after_s: int = 2, job_timeout_s: float = 600.0) -> None:
+                 probe_timeout_s: float = 2.0, retry_after_s: int = 2, job_timeout_s: float = 600.0,
+                 discover_interval_s: float = 0.0, resolve: Resolve | None = None) -> None:
         self.workers = [SDXLWorker(u.rstrip("/")) for u in urls]
         self.client, self.metrics = client, metrics
         self.max_in_flight, self.max_queue = max_in_flight, max_queue
@@ -63,6 +68,14 @@ class SDXLPool:
         self.waiting = 0
         self._changed = asyncio.Condition()
         self._closed = False
+        self.discover_interval_s = discover_interval_s
+        self._discovery: BackendDiscovery | None = None
+        self._discover_task: asyncio.Task[None] | None = None
+        if discover_interval_s > 0:
+            if resolve is None:
+                from server.gateway.images import system_resolver as resolve
+            self._discovery = BackendDiscovery(urls, resolve)
+            self.workers = []  # filled by the first refresh()
 
     # --- probing ---------------------------------------------------------------------------------------------------
 
@@ -79,17 +92,58 @@ class SDXLPool:
         return ok
 
     async def probe_all(self) -> None:
-        await asyncio.gather(*(self.probe(w) for w in self.workers))
-        for worker in self.workers:
+        if self._discovery is not None:
+            await self.refresh()  # probes what it finds
+            if self._discover_task is None and not self._closed:
+                self._discover_task = asyncio.get_running_loop().create_task(self._discover_loop())
+            return
+        await self._probe_new(self.workers)
+
+    async def _probe_new(self, workers: list[SDXLWorker]) -> None:
+        await asyncio.gather(*(self.probe(w) for w in workers))
+        for worker in workers:
             if not worker.up:
                 self._start_reprobe(worker)
+
+    # --- discovery -------------------------------------------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Re-resolve the configured names; add (and probe) new workers, drop vanished ones."""
+        assert self._discovery is not None
+        urls = await self._discovery.resolve()
+        if self._closed:
+            return
+        self.workers, added, removed = reconcile(self.workers, urls, SDXLWorker)
+        for worker in removed:
+            logger.info("sdxl worker removed (no longer in DNS)", extra={"fields": {"worker": worker.url}})
+            if worker.probe_task is not None:
+                worker.probe_task.cancel()
+            worker.up = False
+            with contextlib.suppress(KeyError):
+                self.metrics.sdxl_worker_up.remove(worker.url)
+        for worker in added:
+            logger.info("sdxl worker discovered", extra={"fields": {"worker": worker.url}})
+        if removed:
+            self._gauges()
+            async with self._changed:  # waiters re-check: their candidates may be gone
+                self._changed.notify_all()
+        await self._probe_new(added)
+
+    async def _discover_loop(self) -> None:
+        while not self._closed:  # ends when the pool closes
+            await asyncio.sleep(self.discover_interval_s)
+            try:
+                await self.refresh()
+            except Exception:  # a bug here must not stop discovery for good
+                logger.exception("sdxl worker discovery failed")
 
     async def _set(self, worker: SDXLWorker, up: bool) -> None:
         if worker.up != up:
             logger.log(logging.INFO if up else logging.WARNING, "sdxl worker %s", "up" if up else "down",
                        extra={"fields": {"worker": worker.url}})
         worker.up = up
-        self.metrics.sdxl_worker_up.labels(worker.url).set(1 if up else 0)
+        if worker in self.workers:  # a worker removed by discovery keeps no metric series
+            self.metrics.sdxl_worker_up.labels(worker.url).set(1 if up else 0)
         async with self._changed:
             self._changed.notify_all()
 
@@ -102,6 +156,8 @@ class SDXLPool:
     def _start_reprobe(self, worker: SDXLWorker) -> None:
         if self._closed or (worker.probe_task is not None and not worker.probe_task.done()):
             return
+        if worker not in self.workers:  # removed by discovery while a job on it failed: nothing to wait for
+            return
         worker.probe_task = asyncio.get_running_loop().create_task(self._reprobe(worker))
 
     async def _reprobe(self, worker: SDXLWorker) -> None:
@@ -113,6 +169,8 @@ class SDXLPool:
     async def close(self) -> None:
         self._closed = True
         tasks = [w.probe_task for w in self.workers if w.probe_task is not None]
+        if self._discover_task is not None:
+            tasks.append(self._discover_task)
         for task in tasks:
             task.cancel()
         for task in tasks:
