@@ -5,6 +5,9 @@
 Builds the tiny Llama checkpoint under .cache/ if needed, starts `mgm engine` (vLLM's OpenAI server with the
 plugin) on a free loopback port, and for each concurrency sends a bounded number of chat requests, each with its
 own random image as a data URL and a fixed output length (ignore_eos), then stops the server.
+
+A quick engine-only check; `make bench` runs the full serving benchmark (loadtests/bench_serving.py) instead. The
+helpers here (ensure_tiny, start_engine, wait_ready, image_data_url) are also used by tests/gateway/conftest.py.
 """
 
 from __future__ import annotations

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from engine.config import MGMConfig
 from engine.convnext import ConvNeXtTower, concat_stages
+from loadtests.baselines.mgm_hf import reference_convnext
 
 DEPTHS_L, DIMS_L = (3, 3, 27, 3), (192, 384, 768, 1536)
 
@@ -63,41 +63,7 @@ def test_stage_shapes_and_concat():
     assert tuple(concat_stages(stages).shape) == (2, 80, 16, 16)
 
 
-# ---- independent float64 reference (functional, written from the timm description in mgm.md §3.1) ----
-
-
-def _ln_channels(x, w, b, eps=1e-6):
-    # LayerNorm over dim 1 of NCHW, by hand.
-    mu = x.mean(dim=1, keepdim=True)
-    var = ((x - mu) ** 2).mean(dim=1, keepdim=True)
-    return (x - mu) / torch.sqrt(var + eps) * w[None, :, None, None] + b[None, :, None, None]
-
-
-def _gelu_exact(x):
-    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
-
-
-def reference_convnext(params: dict[str, torch.Tensor], depths, x: torch.Tensor) -> list[torch.Tensor]:
-    p = {k: v.double() for k, v in params.items()}
-    x = x.double()
-    x = F.conv2d(x, p["vision_stem.0.weight"], p["vision_stem.0.bias"], stride=4)
-    x = _ln_channels(x, p["vision_stem.1.weight"], p["vision_stem.1.bias"])
-    outs = []
-    for s, depth in enumerate(depths):
-        if s > 0:
-            q = f"vision_stages.{s}.downsample."
-            x = _ln_channels(x, p[q + "0.weight"], p[q + "0.bias"])
-            x = F.conv2d(x, p[q + "1.weight"], p[q + "1.bias"], stride=2)
-        for b in range(depth):
-            q = f"vision_stages.{s}.blocks.{b}."
-            y = F.conv2d(x, p[q + "conv_dw.weight"], p[q + "conv_dw.bias"], padding=3, groups=x.shape[1])
-            y = _ln_channels(y, p[q + "norm.weight"], p[q + "norm.bias"])
-            y = torch.einsum("bchw,oc->bohw", y, p[q + "mlp.fc1.weight"]) + p[q + "mlp.fc1.bias"][None, :, None, None]
-            y = _gelu_exact(y)
-            y = torch.einsum("bchw,oc->bohw", y, p[q + "mlp.fc2.weight"]) + p[q + "mlp.fc2.bias"][None, :, None, None]
-            x = x + y * p[q + "gamma"][None, :, None, None]
-        outs.append(x)
-    return outs
+# ---- independent float64 reference: loadtests/baselines/mgm_hf.py (shared with the serving baseline) ----
 
 
 @pytest.mark.parametrize("size", [64, 96])

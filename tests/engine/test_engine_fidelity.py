@@ -1,4 +1,4 @@
-"""vLLM ``LLM(...)`` serving the tiny checkpoints against the independent float64 reference (mgm_reference.py).
+"""vLLM ``LLM(...)`` serving the tiny checkpoints against the independent float64 reference (loadtests/baselines/mgm_hf.py).
 
 Per backbone (Llama, Llama-HD, Gemma, Mixtral): prompt ids equal to the official chunk-wise ids (generate and
 chat), prompt logprobs of the text after each image within 2e-3, greedy tokens equal while the reference's
@@ -72,8 +72,7 @@ def llm_engine(tiny_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference(tiny_checkpoint):
-    from mgm_reference import MGMReference
-
+    from loadtests.baselines.mgm_hf import MGMReference
     from engine.model import placeholder_token_id
 
     cache = {}

@@ -1,14 +1,16 @@
-"""Independent float64 reference of the whole MGM forward, for the vLLM fidelity tests.
+"""MGM in plain PyTorch + HF transformers, independent of the serving path: the engine tests' float64 reference and,
+at serving precision (float32 on CPU), the model behind the official-serving baseline (official_server.py).
 
 Written from mgm.md (§2 mining, §3 ConvNeXt/preprocessing, §4 CLIP, §6 prompts, §11.6 Gemma) and the official
 code as quoted there, sharing nothing with the serving path except the config classes and the official
-tokenisation rule (itself tested against hand-written ids in test_engine_prompt.py):
+tokenisation rule (itself tested against hand-written ids in tests/engine/test_engine_prompt.py):
 
 * preprocessing: the official ``expand2square`` + HF ``CLIPImageProcessor`` + bilinear LR views / CLI crop reshape;
 * CLIP: HF transformers ``CLIPVisionModel`` with *all* checkpoint layers, ``hidden_states[select_layer][:, 1:]``;
-* ConvNeXt: the functional fp64 ConvNeXt of test_engine_convnext.py, stages upsampled and concatenated;
+* ConvNeXt: a functional ConvNeXt (:func:`reference_convnext`), stages upsampled and concatenated;
 * mining: the official ``unified_resampler`` tensor ops on the concatenated map (HD: tiles + ½-downsampled map);
-* projector and LLM: plain tensors and the HF transformers LLM fed with ``inputs_embeds``.
+* projector and LLM: plain tensors and the HF transformers LLM fed with ``inputs_embeds`` — so HF ``generate``
+  works as in the official ``MGMLlamaForCausalLM.generate`` (embeddings built first, then ``generate(inputs_embeds)``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
-from test_engine_convnext import reference_convnext
 from transformers import AutoConfig, AutoTokenizer, CLIPVisionModel
 
 from engine.config import backbone_family
@@ -34,6 +35,48 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 
 def _sub(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
+# ---- functional ConvNeXt (written from the timm description in mgm.md §3.1) ----------------------------------------
+
+
+def _ln_channels(x, w, b, eps=1e-6):  # type: ignore[no-untyped-def]
+    # LayerNorm over dim 1 of NCHW, by hand.
+    mu = x.mean(dim=1, keepdim=True)
+    var = ((x - mu) ** 2).mean(dim=1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + eps) * w[None, :, None, None] + b[None, :, None, None]
+
+
+def _gelu_exact(x):  # type: ignore[no-untyped-def]
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def reference_convnext(params: dict[str, torch.Tensor], depths, x: torch.Tensor,  # type: ignore[no-untyped-def]
+                       dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+    """The four ConvNeXt stage maps of ``x`` (N, 3, S, S), computed in ``dtype``."""
+    p = {k: v.to(dtype) for k, v in params.items()}
+    x = x.to(dtype)
+    x = F.conv2d(x, p["vision_stem.0.weight"], p["vision_stem.0.bias"], stride=4)
+    x = _ln_channels(x, p["vision_stem.1.weight"], p["vision_stem.1.bias"])
+    outs = []
+    for s, depth in enumerate(depths):
+        if s > 0:
+            q = f"vision_stages.{s}.downsample."
+            x = _ln_channels(x, p[q + "0.weight"], p[q + "0.bias"])
+            x = F.conv2d(x, p[q + "1.weight"], p[q + "1.bias"], stride=2)
+        for b in range(depth):
+            q = f"vision_stages.{s}.blocks.{b}."
+            y = F.conv2d(x, p[q + "conv_dw.weight"], p[q + "conv_dw.bias"], padding=3, groups=x.shape[1])
+            y = _ln_channels(y, p[q + "norm.weight"], p[q + "norm.bias"])
+            y = torch.einsum("bchw,oc->bohw", y, p[q + "mlp.fc1.weight"]) + p[q + "mlp.fc1.bias"][None, :, None, None]
+            y = _gelu_exact(y)
+            y = torch.einsum("bchw,oc->bohw", y, p[q + "mlp.fc2.weight"]) + p[q + "mlp.fc2.bias"][None, :, None, None]
+            x = x + y * p[q + "gamma"][None, :, None, None]
+        outs.append(x)
+    return outs
+
+
+# ---- the whole model ---------------------------------------------------------------------------------------------
 
 
 def expand2square(image: Image.Image, color: tuple[int, ...]) -> Image.Image:
@@ -61,20 +104,30 @@ def _concat_stages(stages: list[torch.Tensor]) -> torch.Tensor:
 @dataclass
 class Logits:
     ids: list[int]  # expanded prompt ids (image slots = placeholder id)
-    logits: torch.Tensor  # (len(ids), vocab) float64
+    logits: torch.Tensor  # (len(ids), vocab) in the model's dtype
     image_spans: list[tuple[int, int]]  # [start, end) of each image block
 
 
+@dataclass
+class Embeds:
+    ids: list[int]  # expanded prompt ids (image slots = placeholder id)
+    embeds: torch.Tensor  # (1, len(ids), H): what the LLM is fed
+    image_spans: list[tuple[int, int]]
+
+
 class MGMReference:
-    def __init__(self, path: Path, placeholder_id: int) -> None:
+    """MGM on HF transformers in ``dtype``: float64 for the fidelity tests, float32 to serve the baseline on CPU."""
+
+    def __init__(self, path: Path, placeholder_id: int, dtype: torch.dtype = torch.float64) -> None:
         self.config = config = AutoConfig.from_pretrained(path)
         self.family = backbone_family(config)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.placeholder_id = placeholder_id
-        self.weights = {k: v.double() for k, v in load_file(path / "model.safetensors").items()}
+        self.dtype = dtype
+        self.weights = {k: v.to(dtype) for k, v in load_file(Path(path) / "model.safetensors").items()}
         clip_cfg = config.clip_vision_config()
         self.lr, self.grid = clip_cfg.image_size, clip_cfg.image_size // clip_cfg.patch_size
-        self.clip = CLIPVisionModel(clip_cfg).double().eval()
+        self.clip = CLIPVisionModel(clip_cfg).to(dtype).eval()
         clip_state = _sub(self.weights, CLIP_PREFIX)
         missing, unexpected = self.clip.load_state_dict(clip_state, strict=False)
         assert not unexpected and not [m for m in missing if "position_ids" not in m], (missing, unexpected)
@@ -91,9 +144,10 @@ class MGMReference:
         raw = self.config.to_dict()
         raw.pop("model_type", None)
         cfg = cfg_cls(**raw)
-        cfg._attn_implementation = "eager"
-        cfg._experts_implementation = "eager"  # the grouped-mm default has no float64 kernel
-        llm = cls(cfg).double().eval()
+        if self.dtype == torch.float64:
+            cfg._attn_implementation = "eager"
+            cfg._experts_implementation = "eager"  # the grouped-mm default has no float64 kernel
+        llm = cls(cfg).to(self.dtype).eval()
         state = {k: v for k, v in self.weights.items() if not k.startswith(VISION_PREFIXES)}
         if self.family == "mixtral":  # released per-expert names → transformers 5's fused expert tensors
             for i in range(cfg.num_hidden_layers):
@@ -119,19 +173,20 @@ class MGMReference:
             # transformers 5 scales inside the embedding module (GemmaTextScaledWordEmbedding) and leaves
             # inputs_embeds alone; MGM-2B's training code scaled all inputs_embeds in the model instead. Check which
             # behaviour is installed, so the image rows below get exactly one √H, like the text rows.
-            assert torch.allclose(out, emb.weight[torch.tensor(ids)] * math.sqrt(self.config.hidden_size))
+            scaled = emb.weight[torch.tensor(ids)] * math.sqrt(self.config.hidden_size)
+            assert torch.allclose(out, scaled.to(out.dtype), rtol=1e-3 if self.dtype != torch.float64 else 1e-5)
         return out
 
     # -- vision -----------------------------------------------------------------------------------------------
 
     def preprocess(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        """Official CLI: (views (V, 3, lr, lr) in [crops…, global] order, hr (1, 3, S, S)), float64."""
+        """Official CLI: (views (V, 3, lr, lr) in [crops…, global] order, hr (1, 3, S, S)), in the model's dtype."""
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
         size, g = self.config.image_size_aux, self.config.image_grid
         proc = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
         padded = expand2square(image.convert("RGB"), tuple(int(x * 255) for x in CLIP_MEAN))
-        hr = proc(padded, return_tensors="pt")["pixel_values"].double()
+        hr = proc(padded, return_tensors="pt")["pixel_values"].to(self.dtype)
         canvas = F.interpolate(hr, size=(self.lr * g, self.lr * g), mode="bilinear", align_corners=False)
         if g == 1:
             return canvas, hr
@@ -161,7 +216,7 @@ class MGMReference:
         views, hr = self.preprocess(image)
         feats = self.clip(views, output_hidden_states=True).hidden_states[self.config.mm_vision_select_layer][:, 1:]
         stages = reference_convnext(_sub(self.weights, "model.vision_tower_aux."),
-                                    self.config.convnext_spec().depths, hr)
+                                    self.config.convnext_spec().depths, hr, self.dtype)
         aux = _concat_stages(stages)
         g = self.config.image_grid
         if g == 1:
@@ -186,13 +241,14 @@ class MGMReference:
         return tokenize_official(self.tokenizer, prompt)[0]
 
     @torch.no_grad()
-    def forward(self, prompt: str, images: list[Image.Image], extra: list[int] = (),  # type: ignore[assignment]
-                features: list[torch.Tensor] | None = None) -> Logits:
-        """Logits over the expanded official sequence of ``prompt`` followed by the tokens ``extra``
+    def embed(self, prompt: str, images: list[Image.Image], extra: list[int] = (),  # type: ignore[assignment]
+              features: list[torch.Tensor] | None = None) -> Embeds:
+        """The LLM input for the official ids of ``prompt`` + ``extra``, one image block per ``<image>``
         (``features``: precomputed :meth:`image_tokens` of ``images``)."""
         ids = self.official_ids(prompt) + list(extra)
         slots = [i for i, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX]
-        assert len(slots) == len(images), (len(slots), len(images))
+        if len(slots) != len(images):
+            raise ValueError(f"the prompt has {len(slots)} <image> slots but {len(images)} images were given")
         if features is None:
             features = [self.image_tokens(image) for image in images]
         rows, expanded, spans = [], [], []
@@ -207,9 +263,14 @@ class MGMReference:
             prev = slot + 1
         rows.append(self.embed_text(ids[prev:]))
         expanded += ids[prev:]
-        embeds = torch.cat(rows)[None]
-        logits = self.llm(inputs_embeds=embeds).logits[0]
-        return Logits(expanded, logits, spans)
+        return Embeds(expanded, torch.cat(rows)[None], spans)
+
+    @torch.no_grad()
+    def forward(self, prompt: str, images: list[Image.Image], extra: list[int] = (),  # type: ignore[assignment]
+                features: list[torch.Tensor] | None = None) -> Logits:
+        """Logits over the expanded official sequence of ``prompt`` followed by the tokens ``extra``."""
+        e = self.embed(prompt, images, extra, features)
+        return Logits(e.ids, self.llm(inputs_embeds=e.embeds).logits[0], e.image_spans)
 
     def greedy(self, prompt: str, images: list[Image.Image], steps: int) -> tuple[list[int], list[float]]:
         """Greedy continuation and, per step, the margin between the best and second-best logit."""

@@ -1,0 +1,216 @@
+"""The load generator around the statistics: scenarios, the client's SSE timing against a real loopback server,
+closed and open loop bounds, report rendering, and the GPU script's SDXL UNet config."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from loadtests.client import Request, new_session, send
+from loadtests.loadgen import Bounds, check_loopback, closed_loop, open_loop, run_level
+from loadtests.scenarios import MIX, Scenario, mixed_kind
+from loadtests.stats import RequestResult, summarize
+
+GAP = 0.05  # seconds between the test server's content chunks
+
+
+def _chunk(delta: dict) -> bytes:
+    return b"data: " + json.dumps({"choices": [{"index": 0, "delta": delta}]}).encode() + b"\n\n"
+
+
+async def _chat(request: web.Request) -> web.StreamResponse:
+    body = await request.json()
+    if body.get("model") == "missing":
+        return web.json_response({"error": {"message": "no such model"}}, status=404)
+    if not body.get("stream"):
+        await asyncio.sleep(GAP)
+        return web.json_response({"choices": [{"message": {"content": "abc"}}],
+                                  "usage": {"prompt_tokens": 5, "completion_tokens": 3}})
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    await resp.write(_chunk({"role": "assistant", "content": ""}))  # no content: not the first token
+    await asyncio.sleep(GAP)
+    for piece in ("a", "b", "c"):
+        await resp.write(_chunk({"content": piece}))
+        await asyncio.sleep(GAP)
+    if body.get("stream_options", {}).get("include_usage"):
+        await resp.write(b'data: {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 7}}\n\n')
+    if body.get("model") != "truncated":
+        await resp.write(b"data: [DONE]\n\n")
+    return resp
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A real aiohttp server on 127.0.0.1 in a thread, speaking the OpenAI SSE shape with known timings."""
+    loop = asyncio.new_event_loop()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", _chat)
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{port}"
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+
+
+def _send(base: str, body: dict) -> RequestResult:
+    async def go() -> RequestResult:
+        async with new_session() as session:
+            return await send(session, base, Request("chat", "/v1/chat/completions", body))
+    return asyncio.run(go())
+
+
+def test_stream_timing_and_usage(server):
+    r = _send(server, {"model": "m", "stream": True, "stream_options": {"include_usage": True}})
+    assert r.ok and r.status == 200 and r.error == ""
+    assert GAP * 0.8 < r.ttft < GAP * 4  # the empty role chunk does not count as the first token
+    assert len(r.itl) == 2 and all(GAP * 0.8 < g < GAP * 4 for g in r.itl)
+    assert r.latency >= r.ttft + sum(r.itl)
+    assert (r.output_tokens, r.prompt_tokens) == (7, 5)  # from usage, not from the chunk count
+
+
+def test_stream_without_usage_counts_chunks_and_truncation_fails(server):
+    assert _send(server, {"model": "m", "stream": True}).output_tokens == 3
+    r = _send(server, {"model": "truncated", "stream": True})
+    assert not r.ok and "[DONE]" in r.error
+
+
+def test_non_streaming_and_http_errors(server):
+    r = _send(server, {"model": "m"})
+    assert r.ok and r.output_tokens == 3 and r.ttft == r.latency and r.itl == []
+    r = _send(server, {"model": "missing"})
+    assert not r.ok and r.status == 404 and "no such model" in r.error
+    r = _send("http://127.0.0.1:9", {"model": "m"})  # nothing listens on the discard port
+    assert not r.ok and r.status == 0 and r.error
+
+
+def test_closed_loop_concurrency_and_bounds(server):
+    body = {"model": "m", "stream": True}
+    make = lambda i: Request("chat", "/v1/chat/completions", body)  # noqa: E731
+    results, wall = asyncio.run(closed_loop(server, make, 4, Bounds(8), progress=False))
+    assert len(results) == 8 and all(r.ok for r in results)
+    # 8 requests of ~4 gaps each, 4 at a time: about two rounds, far less than eight
+    assert 2 * 4 * GAP * 0.8 < wall < 8 * 4 * GAP
+    results, wall = asyncio.run(closed_loop(server, make, 1, Bounds(100, time_limit_s=0.5, drain_s=5), False))
+    assert 1 <= len(results) < 10  # stops sending at the time limit
+    results, wall = asyncio.run(closed_loop(server, make, 2, Bounds(6, time_limit_s=0.05, drain_s=0.05), False))
+    assert len(results) == 2 and wall < 4 * GAP  # one request per worker, cut when the drain time is over
+    assert all(not r.ok and "time bound" in r.error for r in results)
+
+
+def test_open_loop_rate_and_level_summary(server):
+    body = {"model": "m"}
+    make = lambda i: Request("chat", "/v1/chat/completions", body)  # noqa: E731
+    results, wall = asyncio.run(open_loop(server, make, 40.0, Bounds(20), seed=1, progress=False))
+    assert len(results) == 20 and all(r.ok for r in results)
+    starts = sorted(r.start for r in results)
+    assert 0.2 < starts[-1] - starts[0] < 1.5  # 19 exponential gaps of mean 25 ms
+    level = run_level(server, make, Bounds(6), concurrency=3, progress=False)
+    assert level["mode"] == "closed" and level["completed"] == 6 and "by_kind" not in level
+    with pytest.raises(ValueError):
+        run_level(server, make, Bounds(1), concurrency=1, rate=1.0)
+
+
+def test_loopback_only():
+    assert check_loopback("http://127.0.0.1:8000/") == "http://127.0.0.1:8000"
+    assert check_loopback("http://localhost:1") == "http://localhost:1"
+    with pytest.raises(ValueError, match="loopback"):
+        check_loopback("http://example.com:8000")
+
+
+def test_scenarios():
+    counts = Counter(mixed_kind(i) for i in range(40))
+    assert counts == Counter({k: 2 * n for k, n in MIX.items()})
+    assert len({mixed_kind(i) for i in range(5)}) >= 3  # interleaved, not in runs
+    s = Scenario("image", "m", max_tokens=7)
+    a, b = s.request(0), s.request(1)
+    url = a.body["messages"][0]["content"][0]["image_url"]["url"]
+    assert url.startswith("data:image/png;base64,") and url != b.body["messages"][0]["content"][0]["image_url"]["url"]
+    assert a.stream and a.body["ignore_eos"] and a.body["max_tokens"] == 7
+    assert a.body["stream_options"] == {"include_usage": True}
+    assert not Scenario("image-nostream", "m").request(0).stream
+    img = Scenario("images", "m").request(3)
+    assert img.path == "/v1/images/generations" and img.body["enhance_prompt"] is False
+    kinds = {Scenario("mixed", "m").request(i).kind for i in range(20)}
+    assert kinds == set(MIX)
+    with pytest.raises(ValueError):
+        Scenario("nope", "m")
+
+
+def _level(c: int, rate: float, ttft: float) -> dict:
+    res = [RequestResult("chat-image", True, 0.0, 0.5, ttft, [0.01] * 31, 32, 40) for _ in range(4)]
+    return {"mode": "closed", "concurrency": c, "scenario": "image", **summarize(res, 4 / rate)}
+
+
+def test_report_renders_targets(tmp_path, monkeypatch):
+    from loadtests import report
+
+    monkeypatch.setattr(report, "PLOTS", tmp_path)
+    levels = [1, 32]
+    data = {"machine": "test cpu", "started": "now", "phases_s": {"baseline": 1.0},
+            "config": {"concurrency": levels, "image_size": 64, "max_tokens": 32, "per_level": 2, "cap": 128,
+                       "open_requests": 8, "time_limit_s": 60},
+            "baseline": {"sweep": [_level(c, 10, 0.3) for c in levels], "open": []},
+            "engine": {"sweep": [_level(c, 100, 0.050) for c in levels], "open": []},
+            "gateway": {"sweep": [_level(c, 95, 0.055) for c in levels], "open": []}}
+    text = report.serving_section(data)
+    assert "**9.5x** the baseline (target >= 8x): **met**" in text
+    assert "worst 5.0 % less throughput, +5.0 ms p50 TTFT: **met**" in text
+    data["gateway"]["sweep"][1] = _level(32, 50, 0.2)
+    assert "**missed** at c=32 (req/s -50.0 %, p50 TTFT +150.0 ms)" in report.targets(data)
+    assert "Gateway overhead." in report.explanation(data)
+    data["baseline"]["sweep"][1] = _level(32, 20, 0.3)  # gateway 50 req/s = 2.5x: missed, explained
+    assert "**2.5x** the baseline (target >= 8x): **missed**" in report.targets(data)
+    assert "Why the throughput target is missed" in report.explanation(data)
+    report.plots(data, tmp_path)
+    assert (tmp_path / "serving_throughput.png").stat().st_size > 1000
+    out = tmp_path / "B.md"
+    out.write_text("# B\n\n<!-- BEGIN engine-cpu -->\nold\n<!-- END engine-cpu -->\n")
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(data))
+    monkeypatch.chdir(tmp_path)
+    report.render(path, out)
+    md = out.read_text()
+    assert "<!-- BEGIN serving-cpu -->" in md and "engine-cpu" not in md
+
+
+def test_sdxl_unet_config_is_sdxl_base():
+    from loadtests.gpu_sdxl import SDXL_UNET, SDXL_UNET_PARAMS, build_unet
+
+    unet = build_unet(SDXL_UNET, "meta")
+    assert sum(p.numel() for p in unet.parameters()) == SDXL_UNET_PARAMS
+
+
+def test_sdxl_step_timing_runs_small_on_cpu():
+    from loadtests.gpu_report import sdxl_section
+    from loadtests.gpu_sdxl import SDXL_UNET, measure
+
+    small = {**SDXL_UNET, "block_out_channels": (32, 32, 64), "transformer_layers_per_block": (1, 1, 1),
+             "attention_head_dim": (1, 2, 2), "cross_attention_dim": 32, "addition_time_embed_dim": 8,
+             "projection_class_embeddings_input_dim": 6 * 8 + 16, "layers_per_block": 1, "norm_num_groups": 8}
+    t0 = time.perf_counter()
+    result = measure(small, "cpu", "float32", 64, [1, 2], warmup=0, iters=1, steps=30)
+    assert time.perf_counter() - t0 < 60
+    assert [r["unet_batch"] for r in result["rows"]] == [2, 4]
+    assert all(r["ms_per_step"] > 0 and r["peak_extra_mb"] is None for r in result["rows"])
+    assert "## SDXL UNet step, GPU" in sdxl_section(result)
+
+
+def test_gpu_check_script_is_valid_bash():
+    import subprocess
+
+    script = Path(__file__).resolve().parents[2] / "loadtests" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
