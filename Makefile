@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test bench venv clean
+.PHONY: serve test bench bench-serving venv browser clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,16 @@ $(STAMP): pyproject.toml
 	fi
 	@touch $(STAMP)
 
+# The playground's browser tests drive Debian's Chromium (Playwright's own browser downloads are never used).
+CHROMIUM := /usr/bin/chromium
+browser: $(CHROMIUM)
+
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then sudo=; else sudo=sudo; fi; \
+	echo "installing Debian's chromium (browser tests)"; \
+	$$sudo apt-get update -qq && \
+	DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core
+
 # No model hub is reachable here: everything loads from local checkpoints.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -30,16 +40,27 @@ export TRANSFORMERS_OFFLINE := 1
 serve: $(STAMP)
 	$(VENV)/bin/mgm serve
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	$(VENV)/bin/ruff check --quiet engine kernels server loadtests tests
-	$(PY) -m pytest
+	MGM_REQUIRE_BROWSER=1 $(PY) -m pytest
 
 # CPU benchmarks run here; GPU sections are re-rendered from the stored results of the GPU check scripts.
 bench: $(STAMP)
 	$(PY) -m kernels.bench --out BENCHMARKS.md
 	$(PY) -m engine.bench_encoder --out BENCHMARKS.md
-	$(PY) -m loadtests.engine_throughput --out BENCHMARKS.md
+	$(PY) -m loadtests.bench_serving --out BENCHMARKS.md
 	$(PY) -m kernels.gpu_report --out BENCHMARKS.md
+	$(PY) -m loadtests.gpu_report --out BENCHMARKS.md
+
+# The serving benchmarks alone (~10 min on 2 cores): our stack against the official serving path, SDXL pool, HD.
+bench-serving: $(STAMP)
+	$(PY) -m loadtests.bench_serving --out BENCHMARKS.md
+
+# Opt-in soak test (not part of `make test`): the whole stack under mixed traffic; SOAK_SECONDS (default 180, at
+# most 600). Writes its figures into RELIABILITY.md.
+.PHONY: soak
+soak: $(STAMP)
+	$(PY) tests/gateway/reliability/reliability_soak.py --seconds $(or $(SOAK_SECONDS),180)
 
 clean:
 	rm -rf $(VENV) .cache

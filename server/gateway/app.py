@@ -55,7 +55,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from server.gateway import errors
+from server.gateway import errors, openapi
+from server.gateway.admission import Admission
 from server.gateway.auth import check_bearer
 from server.gateway.config import GatewayConfig
 from server.gateway.errors import APIError
@@ -71,13 +72,16 @@ from server.gateway.generation import (
 )
 from server.gateway.images import Resolver, check_data_url, fetch_image, system_resolver
 from server.gateway.metrics import GatewayMetrics
+from server.gateway.playground import ROUTES as PLAYGROUND_ROUTES
+from server.gateway.playground import create_router as playground_router
 from server.gateway.routing import Engine, EnginePool
 from server.gateway.schemas import ChatCompletionRequest
 from server.gateway.sdxl_pool import SDXLPool, gather_or_cancel, run_while_connected
 
 logger = logging.getLogger("mgm.gateway")
 
-ROUTES = ("/health", "/ready", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/images/generations")
+ROUTES = ("/health", "/ready", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/images/generations",
+          *PLAYGROUND_ROUTES)
 _FILES_PREFIX = "/v1/files/images/"
 _RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
@@ -123,19 +127,31 @@ class Gateway:
         self.sdxl: SDXLPool | None = None
         self.store = ImageStore(config.image_store_ttl_s, config.image_store_max_items, config.image_store_max_bytes)
         self.created = int(time.time())
+        self.admission = Admission(config.chat_max_in_flight, config.chat_max_queue, config.chat_queue_timeout_s,
+                                   config.retry_after_s, on_change=self._admission_changed,
+                                   on_reject=self._admission_rejected)
+
+    def _admission_changed(self, in_flight: int, waiting: int) -> None:
+        self.metrics.chat_in_flight.set(in_flight)
+        self.metrics.chat_queue_depth.set(waiting)
+
+    def _admission_rejected(self, reason: str) -> None:
+        self.metrics.rejected.labels("/v1/chat/completions", reason).inc()
 
     async def start(self) -> None:
         timeout = httpx.Timeout(self.config.request_timeout_s, connect=self.config.connect_timeout_s)
         self.client = httpx.AsyncClient(timeout=timeout, trust_env=False,
                                         limits=httpx.Limits(max_connections=1024, max_keepalive_connections=128))
         self.pool = EnginePool(self.config.engines, self.client, probe_interval_s=self.config.probe_interval_s,
-                               on_change=self._engine_changed)
+                               on_change=self._engine_changed, discover_interval_s=self.config.discover_interval_s,
+                               resolve=self.resolver, on_remove=self._engine_removed)
         await self.pool.probe_all()
         if self.config.sdxl_workers:
             self.sdxl = SDXLPool(self.config.sdxl_workers, self.client, self.metrics,
                                  max_in_flight=self.config.sdxl_max_in_flight, max_queue=self.config.sdxl_max_queue,
                                  probe_interval_s=self.config.probe_interval_s, retry_after_s=self.config.retry_after_s,
-                                 job_timeout_s=self.config.sdxl_job_timeout_s)
+                                 job_timeout_s=self.config.sdxl_job_timeout_s,
+                                 discover_interval_s=self.config.discover_interval_s, resolve=self.resolver)
             await self.sdxl.probe_all()
         logger.info("gateway started", extra={"fields": {
             "engines": ",".join(self.config.engines), "up": sum(e.up for e in self.pool.engines),
@@ -153,6 +169,11 @@ class Gateway:
     def _engine_changed(self, engine: Engine) -> None:
         self.metrics.engine_up.labels(engine.url).set(1 if engine.up else 0)
         self.metrics.engine_in_flight.labels(engine.url).set(engine.in_flight)
+
+    def _engine_removed(self, engine: Engine) -> None:  # discovery dropped it: no stale per-engine series
+        for gauge in (self.metrics.engine_up, self.metrics.engine_in_flight):
+            with contextlib.suppress(KeyError):
+                gauge.remove(engine.url)
 
     # --- models ----------------------------------------------------------------------------------------------------
 
@@ -176,29 +197,26 @@ class Gateway:
     async def inline_images(self, body: dict[str, Any]) -> None:
         """Replace every http(s) image URL in ``body`` by a data URL fetched under the image policy."""
         policy = self.config.images
-        jobs: list[tuple[dict[str, Any], str, str]] = []
-        count = 0
-        for i, message in enumerate(body["messages"]):
-            content = message.get("content")
-            if not isinstance(content, list):
-                continue
-            for j, part in enumerate(content):
-                if part.get("type") != "image_url":
-                    continue
-                count += 1
-                url = part["image_url"]["url"]
-                param = f"messages[{i}].content[{j}].image_url.url"
-                if url[:5].lower() == "data:":
-                    try:
-                        check_data_url(url, policy)
-                    except APIError as exc:
-                        exc.param = param
-                        raise
-                else:
-                    jobs.append((part["image_url"], url, param))
-        if count > policy.max_images_per_request:
+        parts = [(part["image_url"], f"messages[{i}].content[{j}].image_url.url")
+                 for i, message in enumerate(body["messages"]) if isinstance(message.get("content"), list)
+                 for j, part in enumerate(message["content"]) if part.get("type") == "image_url"]
+        if len(parts) > policy.max_images_per_request:  # before any image is looked at
             raise APIError(400, f"At most {policy.max_images_per_request} images per request.", param="messages",
                            code="too_many_images")
+        jobs: list[tuple[dict[str, Any], str, str]] = []
+        for holder, param in parts:
+            url = holder["url"]
+            if url[:5].lower() != "data:":
+                jobs.append((holder, url, param))
+                continue
+            try:
+                if len(url) > 256 * 1024:  # base64 decoding of a large image would stall the event loop
+                    await asyncio.to_thread(check_data_url, url, policy)
+                else:
+                    check_data_url(url, policy)
+            except APIError as exc:
+                exc.param = param
+                raise
         results = await asyncio.gather(*(fetch_image(url, policy, self.resolver) for _, url, _ in jobs),
                                        return_exceptions=True)
         for (holder, _url, param), result in zip(jobs, results):
@@ -217,7 +235,8 @@ class Gateway:
 
     def _release(self, engine: Engine) -> None:
         engine.in_flight -= 1
-        self.metrics.engine_in_flight.labels(engine.url).set(engine.in_flight)
+        if self.pool is not None and engine in self.pool.engines:  # not for a pod discovery already dropped
+            self.metrics.engine_in_flight.labels(engine.url).set(engine.in_flight)
 
     async def open_upstream(self, body: dict[str, Any], tried: set[Engine]) -> tuple[Engine, httpx.Response]:
         """Send ``body`` to the least loaded engine not in ``tried``; connection failures mark it down and move on
@@ -267,9 +286,6 @@ class Gateway:
             await upstream.aclose()
             self._release(engine)
         return errors.normalize_upstream(upstream.status_code, payload)
-
-    async def complete(self, body: dict[str, Any]) -> Response:
-        return JSONResponse(await self.complete_payload(body))
 
     async def complete_payload(self, body: dict[str, Any]) -> dict[str, Any]:
         tried: set[Engine] = set()
@@ -495,17 +511,23 @@ class _Closer:
 
 
 class _ClosingStream(StreamingResponse):
-    """A StreamingResponse that frees the engine even when its body iterator never starts (client gone early)."""
+    """A StreamingResponse that frees the engine even when its body iterator never starts (client gone early), and
+    then runs ``on_close`` callbacks (the chat admission slot)."""
 
     def __init__(self, content: AsyncIterator[bytes], closer: _Closer, **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
         self.closer = closer
+        self.on_close: list[Callable[[], None]] = []
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.closer()
+            try:
+                await self.closer()
+            finally:
+                for callback in self.on_close:
+                    callback()
 
 
 async def _sse_events(upstream: httpx.Response) -> AsyncIterator[bytes]:
@@ -563,10 +585,13 @@ def create_app(config: GatewayConfig, resolver: Resolver = system_resolver) -> F
         finally:
             await gateway.stop()
 
-    app = FastAPI(title="MGM gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="MGM gateway", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json")
+    openapi.install(app)
     app.state.gateway = gateway
     errors.install(app)
     app.add_middleware(MetricsMiddleware, metrics=gateway.metrics)
+    app.include_router(playground_router())  # the static playground page at / (server.gateway.playground)
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
@@ -617,6 +642,10 @@ def create_app(config: GatewayConfig, resolver: Resolver = system_resolver) -> F
         return JSONResponse({"object": "list", "data": data})
 
     async def read_json(request: Request) -> Any:
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > config.max_body_bytes:  # refused before a byte of it is read
+            raise APIError(413, f"Request body is larger than {config.max_body_bytes} bytes.",
+                           code="request_too_large")
         data = bytearray()
         async for piece in request.stream():  # bounded by the body cap
             data += piece
@@ -631,6 +660,28 @@ def create_app(config: GatewayConfig, resolver: Resolver = system_resolver) -> F
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         authorize(request)  # before the body is even parsed
+        # Admission before the body is read and before any image is fetched: an overloaded gateway answers 429 now.
+        release = await gateway.admission.acquire()
+        try:
+            response = await chat(request)
+        except BaseException:
+            release()
+            raise
+        if isinstance(response, _ClosingStream):
+            response.on_close.append(release)  # the slot is held until the stream ends
+        else:
+            release()
+        return response
+
+    async def while_connected(request: Request, work: Any) -> Any:
+        try:
+            return await run_while_connected(request, work)
+        except APIError as exc:
+            if exc.code == "client_closed":
+                gateway.metrics.client_disconnects.labels(request.url.path).inc()
+            raise
+
+    async def chat(request: Request) -> Response:
         raw = await read_json(request)
         try:
             req = ChatCompletionRequest.model_validate(raw)
@@ -660,17 +711,18 @@ def create_app(config: GatewayConfig, resolver: Resolver = system_resolver) -> F
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             wrap = None if generation is None else gateway.image_stream(generation, size, str(request.base_url))
             return await gateway.stream(body, include_usage, wrap)
+        # Non-streaming: a client that hangs up cancels the engine request (the engine aborts it).
+        payload = await while_connected(request, gateway.complete_payload(body))
         if generation is None:
-            return await gateway.complete(body)
-        payload = await gateway.complete_payload(body)
+            return JSONResponse(payload)
         captions: dict[int, str] = {}
         for choice in payload.get("choices") or []:
             text = (choice.get("message") or {}).get("content")
             if isinstance(text, str) and (caption := extract_caption(text)):
                 captions[int(choice.get("index") or 0)] = caption
         if captions:
-            images = await run_while_connected(request, gateway.caption_images(captions, generation, size,
-                                                                               str(request.base_url)))
+            images = await while_connected(request, gateway.caption_images(captions, generation, size,
+                                                                           str(request.base_url)))
             for choice in payload["choices"]:
                 if (index := int(choice.get("index") or 0)) in images:
                     choice["message"]["images"] = images[index]
@@ -692,10 +744,10 @@ def create_app(config: GatewayConfig, resolver: Resolver = system_resolver) -> F
         width, height = gateway.image_size(req.size)
         pool.admit(len(pool.split(req.n)))  # fail fast (429/503) before spending engine time on the prompt
         if req.enhance_prompt:
-            prompt, how = await run_while_connected(request, gateway.enhance(req.prompt))
+            prompt, how = await while_connected(request, gateway.enhance(req.prompt))
         else:
             prompt, how = req.prompt, "disabled"
-        items = await run_while_connected(request, pool.generate(req.worker_payload(prompt, req.n, width, height)))
+        items = await while_connected(request, pool.generate(req.worker_payload(prompt, req.n, width, height)))
         fmt = req.response_format or "url"
         base_url = str(request.base_url)
         data = [{**image_entry(item, fmt, gateway.store, base_url), "revised_prompt": prompt} for item in items]

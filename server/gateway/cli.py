@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 from collections.abc import Callable
 
 logger = logging.getLogger("mgm.gateway")
@@ -43,6 +44,22 @@ def add_gateway(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     p.add_argument("--max-image-bytes", type=int, default=env("MGM_MAX_IMAGE_BYTES", str(20 * 1024 * 1024)))
     p.add_argument("--max-image-pixels", type=int, default=env("MGM_MAX_IMAGE_PIXELS", "40000000"))
     p.add_argument("--image-fetch-timeout", type=float, default=env("MGM_IMAGE_FETCH_TIMEOUT", "10"))
+    p.add_argument("--max-body-bytes", type=int, default=env("MGM_MAX_BODY_BYTES", str(64 * 1024 * 1024)),
+                   help="request body cap; larger bodies get 413 before they are read")
+    p.add_argument("--chat-max-in-flight", type=int, default=env("MGM_CHAT_MAX_IN_FLIGHT", "256"),
+                   help="chat requests served at once (default: $MGM_CHAT_MAX_IN_FLIGHT or 256)")
+    p.add_argument("--chat-max-queue", type=int, default=env("MGM_CHAT_MAX_QUEUE", "512"),
+                   help="chat requests waiting for a slot; beyond that 429 + retry-after (default: $MGM_CHAT_MAX_QUEUE "
+                   "or 512)")
+    p.add_argument("--chat-queue-timeout", type=float, default=env("MGM_CHAT_QUEUE_TIMEOUT", "60"),
+                   help="seconds a chat request may wait for a slot before 503 (default: $MGM_CHAT_QUEUE_TIMEOUT or 60)")
+    p.add_argument("--drain-timeout", type=float, default=env("MGM_DRAIN_TIMEOUT", "25"),
+                   help="on SIGTERM: stop accepting and give in-flight requests this many seconds to finish, then "
+                   "exit 0 (default: $MGM_DRAIN_TIMEOUT or 25)")
+    p.add_argument("--discover-interval", type=float, default=env("MGM_DISCOVER_INTERVAL", "0"), metavar="SECONDS",
+                   help="> 0: an engine/worker URL whose host is a DNS name (e.g. a Kubernetes headless Service) stands "
+                   "for every address it resolves to, re-resolved this often; 0: URLs used as given "
+                   "(default: $MGM_DISCOVER_INTERVAL or 0)")
     p.add_argument("--unsafe-allow-loopback-images", action="store_true",
                    help="TESTS ONLY: let image URLs point to 127.0.0.0/8 and ::1")
     p.set_defaults(handler=run_gateway)
@@ -64,6 +81,9 @@ def run_gateway(args: argparse.Namespace) -> int:
             engines=tuple(engines), api_keys=tuple(keys), model_name=args.model_name, sdxl_workers=tuple(workers),
             image_model_name=args.image_model_name, sdxl_max_in_flight=args.sdxl_max_in_flight,
             sdxl_max_queue=args.sdxl_max_queue, image_store_ttl_s=args.image_url_ttl,
+            max_body_bytes=args.max_body_bytes, chat_max_in_flight=args.chat_max_in_flight,
+            chat_max_queue=args.chat_max_queue, chat_queue_timeout_s=args.chat_queue_timeout,
+            drain_timeout_s=args.drain_timeout, discover_interval_s=args.discover_interval,
             images=ImagePolicy(timeout_s=args.image_fetch_timeout, max_bytes=args.max_image_bytes,
                                max_pixels=args.max_image_pixels, allowed_domains=tuple(d.lower() for d in domains),
                                allow_loopback=args.unsafe_allow_loopback_images))
@@ -72,5 +92,9 @@ def run_gateway(args: argparse.Namespace) -> int:
         return 2
     if config.images.allow_loopback:
         logger.warning("image URLs may point to loopback addresses (--unsafe-allow-loopback-images): tests only")
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_config=None, access_log=False)
+    # uvicorn handles SIGTERM itself (stop accepting, wait for in-flight requests up to the drain timeout, cancel the
+    # rest) and then re-raises it to the handler that was installed before: this one, so the exit status is 0.
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: logger.info("gateway stopped after SIGTERM"))
+    uvicorn.run(create_app(config), host=args.host, port=args.port, log_config=None, access_log=False,
+                timeout_graceful_shutdown=config.drain_timeout_s)
     return 0

@@ -47,17 +47,33 @@ class GatewayConfig:
     enhance_temperature: float = 0.2
     images: ImagePolicy = ImagePolicy()
     max_body_bytes: int = 64 * 1024 * 1024  # request body cap (413 above)
+    #: Chat admission (server.gateway.admission): requests served at once, requests waiting for a slot (429 beyond),
+    #: and how long one may wait (503 after that).
+    chat_max_in_flight: int = 256
+    chat_max_queue: int = 512
+    chat_queue_timeout_s: float = 60.0
+    #: `mgm gateway` on SIGTERM: stop accepting, give in-flight requests this long to finish, then cut them.
+    drain_timeout_s: float = 25.0
     connect_timeout_s: float = 3.0
     request_timeout_s: float = 600.0
     probe_interval_s: float = 2.0  # how often a down engine is re-probed
+    #: > 0: engine/worker URLs with a DNS host stand for every address it resolves to (a headless Service),
+    #: re-resolved this often (server.gateway.discovery); 0: URLs are used as given.
+    discover_interval_s: float = 0.0
     retry_after_s: int = 2  # hint sent with 503 when no engine is up
 
     def __post_init__(self) -> None:
+        if self.chat_max_in_flight < 1 or self.chat_max_queue < 0 or self.chat_queue_timeout_s <= 0:
+            raise ValueError("chat_max_in_flight must be >= 1, chat_max_queue >= 0, chat_queue_timeout_s > 0")
+        if self.drain_timeout_s < 0 or self.max_body_bytes < 1:
+            raise ValueError("drain_timeout_s must be >= 0 and max_body_bytes >= 1")
         if self.sdxl_max_in_flight < 1 or self.sdxl_max_queue < 0 or self.image_store_ttl_s <= 0:
             raise ValueError("sdxl_max_in_flight must be >= 1, sdxl_max_queue >= 0, image_store_ttl_s > 0")
         for url in self.sdxl_workers:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"SDXL worker URL must start with http:// or https://, got {url!r}")
+        if self.discover_interval_s < 0:
+            raise ValueError("discover_interval_s must be >= 0")
         if not self.engines:
             raise ValueError("at least one engine URL is required")
         for url in self.engines:

@@ -51,8 +51,10 @@ def _param(loc: Any) -> str | None:
 def validation_error(exc: RequestValidationError | list[Any]) -> APIError:
     """The first validation error (FastAPI's or a pydantic ``ValidationError.errors()`` list) as a 400."""
     errors = exc.errors() if isinstance(exc, RequestValidationError) else exc
-    # A union reports one error per member: the deepest one is the informative one.
-    err = dict(max(errors, key=lambda e: len(e.get("loc", ())))) if errors else {}
+    # A union reports one error per member: the deepest one is the informative one, and at equal depth a wrong value
+    # (a list too long) says more than a wrong type (it is not a string either).
+    err = dict(max(errors, key=lambda e: (len(e.get("loc", ())), not str(e.get("type", "")).endswith("_type")))
+               ) if errors else {}
     kind = str(err.get("type", ""))
     param = _param(err.get("loc", ()))
     if kind == "json_invalid":
@@ -70,15 +72,25 @@ def validation_error(exc: RequestValidationError | list[Any]) -> APIError:
     return APIError(400, f"Invalid value for '{param}': {msg}.", param=param, code="invalid_value")
 
 
+#: The ``type`` values of OpenAI errors; anything else an upstream sends (vLLM: ``BadRequestError``) is replaced.
+OPENAI_TYPES = frozenset({"invalid_request_error", "authentication_error", "permission_error", "not_found_error",
+                          "rate_limit_error", "server_error"})
+
+
 def normalize_upstream(status: int, payload: Any) -> APIError:
-    """An engine's error body (vLLM puts the HTTP status int in ``code``) as our error."""
+    """An engine's error body (vLLM puts the HTTP status int in ``code`` and its exception name in ``type``) as our
+    error in the OpenAI shape."""
     err = payload.get("error") if isinstance(payload, dict) else None
     if isinstance(err, dict):
-        code = err.get("code")
-        return APIError(status, str(err.get("message") or "engine error"),
-                        code=code if isinstance(code, str) else None,
-                        param=err.get("param") if isinstance(err.get("param"), str) else None,
-                        type_=str(err.get("type") or "") or None)
+        message = str(err.get("message") or "engine error")
+        code = err.get("code") if isinstance(err.get("code"), str) else None
+        param = err.get("param") if isinstance(err.get("param"), str) else None
+        if code is None and "maximum context length" in message:
+            code, param = "context_length_exceeded", "messages"  # what OpenAI answers for a prompt over the context
+        elif code is None and status == 400 and param:
+            code = "invalid_value"
+        kind = str(err.get("type") or "")
+        return APIError(status, message, code=code, param=param, type_=kind if kind in OPENAI_TYPES else None)
     return APIError(status, f"engine returned HTTP {status}", code="engine_error")
 
 

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import io
 import ipaddress
 import logging
 import socket
+import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
@@ -146,24 +148,34 @@ async def vet(url: str, policy: ImagePolicy, resolver: Resolver = system_resolve
 
 
 def check_data_url(url: str, policy: ImagePolicy) -> None:
-    """Cheap checks of a client's ``data:`` URL (the engine decodes it)."""
+    """A client's ``data:`` URL: shape, size cap, strict base64, and the same header-only image checks as a fetched
+    image (real format allowed, pixel cap against decompression bombs). The engine does the full decode."""
     head, sep, payload = url.partition(",")
     if not sep or not head.lower().startswith("data:image/") or not head.lower().endswith(";base64"):
         raise APIError(400, "Image data URLs must look like data:image/<type>;base64,<data>.", code="invalid_image")
     if len(payload) * 3 // 4 > policy.max_bytes:
         raise APIError(413, f"Image is larger than {policy.max_bytes} bytes.", code="image_too_large")
+    try:
+        data = base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, "The image data URL is not valid base64.", code="invalid_image") from None
+    _inspect(data, policy, "The image data URL does not hold a readable image.")
 
 
-def _inspect(data: bytes, policy: ImagePolicy) -> str:
+def _inspect(data: bytes, policy: ImagePolicy, unreadable: str = "The image URL did not return a readable image.") -> str:
     """The image's MIME type from its real format, after the pixel cap (header only, no full decode)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-            mime = Image.MIME.get(img.format or "", "")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-        raise APIError(400, "The image URL did not return a readable image.", code="invalid_image") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own pixel cap decides below
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                mime = Image.MIME.get(img.format or "", "")
+    except Image.DecompressionBombError:
+        raise APIError(413, f"Image has more than {policy.max_pixels} pixels.", code="image_too_large") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise APIError(400, unreadable, code="invalid_image") from None
     if mime not in policy.content_types:
         raise APIError(400, f"Image format {mime or 'unknown'} is not supported.", code="invalid_image")
     if width * height > policy.max_pixels:

@@ -35,5 +35,14 @@ class GatewayMetrics:
         self.sdxl_worker_up = Gauge("mgm_gateway_sdxl_worker_up", "1 when the SDXL worker is ready, else 0", ["worker"],
                                     registry=r)
         self.sdxl_retries = Counter("mgm_gateway_sdxl_retries", "Image jobs moved to another worker", registry=r)
+        self.chat_in_flight = Gauge("mgm_gateway_chat_in_flight", "Chat requests holding an admission slot",
+                                    registry=r)
+        self.chat_queue_depth = Gauge("mgm_gateway_chat_queue_depth", "Chat requests waiting for an admission slot",
+                                      registry=r)
+        self.rejected = Counter("mgm_gateway_rejected", "Requests refused for capacity (429/503) by route and reason",
+                                ["route", "reason"], registry=r)
+        self.client_disconnects = Counter("mgm_gateway_client_disconnects",
+                                          "Requests whose client left before the answer was complete", ["route"],
+                                          registry=r)
         self.images_generated = Counter("mgm_gateway_images_generated", "Images returned by route", ["route"],
                                         registry=r)

@@ -59,7 +59,7 @@ class ChatCompletionRequest(_Open):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     n: int | None = Field(default=None, ge=1, le=16)
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
@@ -69,8 +69,6 @@ class ChatCompletionRequest(_Open):
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
-        if isinstance(self.stop, list) and len(self.stop) > 4:
-            raise ValueError("at most 4 stop sequences")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         if self.top_logprobs is not None and not self.logprobs:

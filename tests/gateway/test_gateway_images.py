@@ -89,9 +89,10 @@ def test_dns_names_resolving_to_private_addresses_are_refused():
         asyncio.run(vet("http://nowhere.test/a.png", policy, _resolver(table)))
 
 
-def test_data_url_checks():
-    check_data_url("data:image/png;base64,AAAA", ImagePolicy())
-    for bad in ("data:text/plain;base64,AAAA", "data:image/png,raw", "data:image/png;base64"):
+def test_data_url_checks(png):
+    check_data_url("data:image/png;base64," + base64.b64encode(png).decode(), ImagePolicy())
+    for bad in ("data:text/plain;base64,AAAA", "data:image/png,raw", "data:image/png;base64",
+                "data:image/png;base64,AAAA", "data:image/png;base64,!!!!"):
         with pytest.raises(APIError) as info:
             check_data_url(bad, ImagePolicy())
         assert info.value.status == 400

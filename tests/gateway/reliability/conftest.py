@@ -1,0 +1,112 @@
+"""Reliability fixtures (on top of tests/gateway/conftest.py: the session engine, SDXL workers, ``gateway_server``):
+a loopback file server with hostile routes, and a resolver for the ``*.reliability.test`` names."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from reliability_cases import PNG
+from reliability_table import FAULTS_JSON
+
+
+class _Files(BaseHTTPRequestHandler):
+    """/img.png, /slow.png (3 s), /huge.png (declares 50 MB, streams zeros), /huge-chunked.png (no length, streams
+    zeros), /text, /missing (404), /redirect?to=URL (302), /loop (redirects to itself)."""
+
+    protocol_version = "HTTP/1.1"
+    seen: list[str] = []  # every request path (with query), in order
+
+
+    def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    def _head(self, status: int, ctype: str, headers: dict[str, str]) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+
+    def _send(self, status: int, body: bytes, ctype: str = "image/png", **headers: str) -> None:
+        self._head(status, ctype, {"Content-Length": str(len(body)), **headers})
+        self.wfile.write(body)
+
+    def _stream_zeros(self, chunked: bool) -> None:
+        block = b"\0" * 65536
+        try:
+            for _ in range(50 * 16):  # 50 MB at most; the gateway hangs up long before
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(block), block) if chunked else block)
+        except OSError:
+            pass
+        self.close_connection = True
+
+    def do_GET(self) -> None:
+        type(self).seen.append(self.path)
+        url = urlsplit(self.path)
+        if url.path == "/img.png":
+            self._send(200, PNG)
+        elif url.path == "/slow.png":
+            time.sleep(3)
+            self._send(200, PNG)
+        elif url.path == "/huge.png":
+            self._head(200, "image/png", {"Content-Length": str(50 * 1024 * 1024)})
+            self._stream_zeros(chunked=False)
+        elif url.path == "/huge-chunked.png":
+            self._head(200, "image/png", {"Transfer-Encoding": "chunked"})
+            self._stream_zeros(chunked=True)
+        elif url.path == "/text":
+            self._send(200, b"hello", "text/plain")
+        elif url.path == "/redirect":
+            self._send(302, b"", "text/plain", Location=parse_qs(url.query)["to"][0])
+        elif url.path == "/loop":
+            self._send(302, b"", "text/plain", Location="/loop")
+        else:
+            self._send(404, b"not found", "text/plain")
+
+
+@dataclass
+class FileServer:
+    base: str
+    seen: list[str]  # paths requested so far
+
+
+@pytest.fixture(scope="session")
+def files() -> Iterator[FileServer]:
+    handler = type("Files", (_Files,), {"seen": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield FileServer(f"http://127.0.0.1:{server.server_address[1]}", handler.seen)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="session")
+def file_server(files: FileServer) -> str:
+    return files.base
+
+
+@pytest.fixture(scope="session")
+def record() -> Callable[..., None]:
+    """``record(scenario, outcome, **figures)``: keeps what a fault/overload test measured in
+    .cache/reliability/faults.json, which reliability_table.py renders into RELIABILITY.md."""
+
+    def _record(scenario: str, outcome: str, **figures: Any) -> None:
+        FAULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
+        data = json.loads(FAULTS_JSON.read_text()) if FAULTS_JSON.exists() else {}
+        data[scenario] = {"outcome": outcome, "figures": figures,
+                          "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        FAULTS_JSON.write_text(json.dumps(data, indent=1, sort_keys=True))
+
+    return _record

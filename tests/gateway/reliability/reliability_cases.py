@@ -1,0 +1,269 @@
+"""The bad-input cases of RELIABILITY.md, as data: each is one HTTP request to a live gateway and the answer it must
+get (status, OpenAI error ``code`` and ``param``). ``test_reliability_bad_input.py`` sends every case (then checks
+that the gateway still serves a good request); ``reliability_table.py`` renders the table of RELIABILITY.md from
+this list. Stdlib + Pillow only, so the table renders without a server.
+
+Placeholders in bodies and paths, filled by the test: ``{model}`` (the engine's model id), ``{files}`` (base URL of
+the test file server: /img.png, /slow.png, /huge.png, /huge-chunked.png, /text, /missing, /redirect?to=, /loop).
+
+Gateways (``gateway`` field): ``strict`` has the production image policy (no loopback targets); ``loopback`` lets
+image URLs reach the test file server on 127.0.0.1 (the test-only switch) with a 1 s fetch timeout and a 1 MiB cap.
+Both have one API key, a 1 MiB body cap, a resolver that maps ``*.reliability.test`` names to fixed addresses, and
+one (unreachable) SDXL worker so the images API validates requests.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+KEY = "sk-reliability"
+BODY_CAP = 1024 * 1024
+#: Test DNS: names the gateways' resolver knows (anything else does not resolve).
+DNS = {"metadata.reliability.test": ["169.254.169.254"], "private6.reliability.test": ["fd00::1"],
+       "mixed.reliability.test": ["93.184.216.34", "10.1.2.3"], "localhost": ["127.0.0.1", "::1"]}
+
+
+async def dns_resolver(host: str, _port: int) -> list[str]:
+    """The gateways' resolver in these tests (the gateway's ``Resolver`` signature): the DNS table, else only what
+    libc parses as a numeric address without any lookup (``2130706433``, ``0x7f000001``, ``127.1``)."""
+    if host in DNS:
+        return DNS[host]
+    infos = socket.getaddrinfo(host, _port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)  # OSError if not
+    return [str(info[4][0]) for info in infos]
+
+
+@dataclass(frozen=True)
+class Case:
+    group: str
+    name: str
+    status: int
+    code: str | None
+    param: str | None = None
+    body: Any = None  # JSON body (ignored when raw is set)
+    raw: bytes | None = None  # raw body bytes
+    chunked: bool = False  # send raw without Content-Length
+    method: str = "POST"
+    path: str = "/v1/chat/completions"
+    headers: dict[str, str] = field(default_factory=dict)
+    auth: str | None = KEY  # Bearer key sent (None: no Authorization header)
+    gateway: str = "strict"
+
+
+# --- images as bytes ---------------------------------------------------------------------------------------------
+
+
+def _save(mode: str, fmt: str, size: tuple[int, int] = (24, 16), **kwargs: Any) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_bomb(side: int = 100_000) -> bytes:
+    """A valid-looking PNG header declaring side x side pixels (10^10) with a tiny compressed body."""
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"\0" * 1024))
+            + _png_chunk(b"IEND", b""))
+
+
+def jpeg_bomb(side: int = 65_000) -> bytes:
+    """A small JPEG whose frame header (SOF0) declares side x side pixels."""
+    data = bytearray(_save("RGB", "JPEG"))
+    at = data.index(b"\xff\xc0")  # SOF0: marker, length(2), precision(1), height(2), width(2)
+    data[at + 5:at + 9] = struct.pack(">HH", side, side)
+    return bytes(data)
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def _noisy(fmt: str) -> bytes:
+    """A 128x128 picture with detail, so a cut through its file really loses pixels."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.effect_mandelbrot((128, 128), (-2.0, -1.5, 1.0, 1.5), 100).convert("RGB").save(buf, format=fmt)
+    return buf.getvalue()
+
+
+PNG = _save("RGB", "PNG")
+NOISY_PNG, NOISY_JPEG = _noisy("PNG"), _noisy("JPEG")
+
+
+def _image(url: str, text: str = "Describe it.") -> dict[str, Any]:
+    return {"model": "{model}", "max_tokens": 1,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": text}]}]}
+
+
+def _chat(**fields: Any) -> dict[str, Any]:
+    return {"model": "{model}", "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}], **fields}
+
+
+def _images(**fields: Any) -> dict[str, Any]:
+    return {"prompt": "a red fox", "size": "64x64", "enhance_prompt": False, **fields}
+
+
+URL = "messages[0].content[0].image_url.url"
+IMAGES = "/v1/images/generations"
+
+
+def _cases() -> list[Case]:
+    c: list[Case] = []
+    add = c.append
+    # --- authentication -----------------------------------------------------------------------------------------
+    add(Case("auth", "no API key", 401, "missing_api_key", body=_chat(), auth=None))
+    add(Case("auth", "wrong API key", 401, "invalid_api_key", body=_chat(), auth="sk-wrong"))
+    add(Case("auth", "Basic instead of Bearer", 401, "missing_api_key", body=_chat(), auth=None,
+             headers={"Authorization": f"Basic {KEY}"}))
+    add(Case("auth", "models list without a key", 401, "missing_api_key", method="GET", path="/v1/models",
+             auth=None))
+    add(Case("auth", "images API without a key", 401, "missing_api_key", path=IMAGES, body=_images(), auth=None))
+    # --- the body itself ----------------------------------------------------------------------------------------
+    add(Case("body", "malformed JSON", 400, "invalid_json", raw=b'{"model": "m", "messages": [}'))
+    add(Case("body", "empty body", 400, "invalid_json", raw=b""))
+    add(Case("body", "JSON array instead of an object", 400, "invalid_body", body=[1, 2]))
+    add(Case("body", "body over the cap (Content-Length)", 413, "request_too_large", raw=b"x" * (BODY_CAP + 1)))
+    add(Case("body", "body over the cap (chunked, no Content-Length)", 413, "request_too_large",
+             raw=b"x" * (BODY_CAP + 1), chunked=True))
+    # --- chat fields --------------------------------------------------------------------------------------------
+    add(Case("chat", "missing `model`", 400, "missing_required_parameter", "model",
+             body={"messages": [{"role": "user", "content": "Hi"}]}))
+    add(Case("chat", "missing `messages`", 400, "missing_required_parameter", "messages", body={"model": "{model}"}))
+    add(Case("chat", "`model` is a number", 400, "invalid_type", "model", body=_chat(model=7)))
+    add(Case("chat", "`messages` is a string", 400, "invalid_type", "messages", body=_chat(messages="Hi")))
+    add(Case("chat", "unknown model", 404, "model_not_found", "model", body=_chat(model="gpt-nope")))
+    add(Case("chat", "the image model on the chat route", 400, "invalid_model", "model",
+             body=_chat(model="sdxl-reliability")))
+    add(Case("chat", "empty `messages`", 400, "invalid_value", "messages", body=_chat(messages=[])))
+    add(Case("chat", "invalid role", 400, "invalid_value", "messages[0].role",
+             body=_chat(messages=[{"role": "wizard", "content": "Hi"}])))
+    add(Case("chat", "message content is a number", 400, "invalid_type", "messages[0].content",
+             body=_chat(messages=[{"role": "user", "content": 5}])))
+    add(Case("chat", "content part of an unsupported type (video_url)", 400, "invalid_type",
+             "messages[0].content[0]", body=_chat(messages=[{"role": "user", "content": [
+                 {"type": "video_url", "video_url": {"url": "http://example.com/v.mp4"}}]}])))
+    add(Case("chat", "text over the context length (engine)", 400, "context_length_exceeded", "messages",
+             body=_chat(messages=[{"role": "user", "content": "hello " * 1500}])))
+    add(Case("chat", "`max_tokens` = 0", 400, "invalid_value", "max_tokens", body=_chat(max_tokens=0)))
+    add(Case("chat", "`max_tokens` < 0", 400, "invalid_value", "max_tokens", body=_chat(max_tokens=-5)))
+    add(Case("chat", "`max_tokens` huge (engine)", 400, "invalid_value", "max_tokens",
+             body=_chat(max_tokens=10**9)))
+    add(Case("chat", "`max_tokens` is a string", 400, "invalid_type", "max_tokens", body=_chat(max_tokens="many")))
+    add(Case("chat", "`n` over the limit (17)", 400, "invalid_value", "n", body=_chat(n=17)))
+    add(Case("chat", "`n` = 0", 400, "invalid_value", "n", body=_chat(n=0)))
+    add(Case("chat", "5 stop strings", 400, "invalid_value", "stop", body=_chat(stop=["a", "b", "c", "d", "e"])))
+    add(Case("chat", "`temperature` > 2", 400, "invalid_value", "temperature", body=_chat(temperature=5)))
+    add(Case("chat", "`temperature` < 0", 400, "invalid_value", "temperature", body=_chat(temperature=-1)))
+    add(Case("chat", "`temperature` is a word", 400, "invalid_type", "temperature", body=_chat(temperature="hot")))
+    add(Case("chat", "`top_p` > 1", 400, "invalid_value", "top_p", body=_chat(top_p=1.5)))
+    add(Case("chat", "`top_p` < 0", 400, "invalid_value", "top_p", body=_chat(top_p=-0.1)))
+    add(Case("chat", "`stream_options` without `stream`", 400, "invalid_value",
+             body=_chat(stream_options={"include_usage": True})))
+    add(Case("chat", "invalid `modalities`", 400, "invalid_value", "modalities",
+             body=_chat(modalities=["text", "audio"])))
+    # --- inline images (data URLs) ------------------------------------------------------------------------------
+    nine = _chat(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(PNG)}}] * 9 + [{"type": "text", "text": "x"}]}])
+    add(Case("images in chat", "9 images (gateway cap 8)", 400, "too_many_images", "messages", body=nine))
+    two = _chat(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(PNG)}}] * 2 + [{"type": "text", "text": "x"}]}])
+    add(Case("images in chat", "2 images (the engine allows 1 per prompt)", 400, "invalid_value", "image", body=two))
+    add(Case("images in chat", "invalid base64", 400, "invalid_image", URL,
+             body=_image("data:image/png;base64,!!not*base64!!")))
+    add(Case("images in chat", "data URL that is not an image (text/plain)", 400, "invalid_image", URL,
+             body=_image("data:text/plain;base64," + base64.b64encode(b"hello").decode())))
+    add(Case("images in chat", "image/png data URL holding text", 400, "invalid_image", URL,
+             body=_image(data_url(b"hello, not a picture"))))
+    add(Case("images in chat", "truncated PNG (header intact; the engine refuses it)", 400, None,
+             body=_image(data_url(NOISY_PNG[:len(NOISY_PNG) // 2]))))
+    add(Case("images in chat", "corrupt PNG (garbage after the signature)", 400, "invalid_image", URL,
+             body=_image(data_url(PNG[:8] + b"\0" * 80))))
+    add(Case("images in chat", "truncated JPEG (the engine refuses it)", 400, None,
+             body=_image(data_url(NOISY_JPEG[:len(NOISY_JPEG) // 2], "image/jpeg"))))
+    add(Case("images in chat", "PNG bomb: 100000x100000 declared", 413, "image_too_large", URL,
+             body=_image(data_url(png_bomb()))))
+    add(Case("images in chat", "JPEG bomb: 65000x65000 declared", 413, "image_too_large", URL,
+             body=_image(data_url(jpeg_bomb(), "image/jpeg"))))
+    add(Case("images in chat", "GIF (accepted)", 200, None, body=_image(data_url(_save("P", "GIF"), "image/gif"))))
+    add(Case("images in chat", "WebP (accepted)", 200, None,
+             body=_image(data_url(_save("RGB", "WEBP"), "image/webp"))))
+    add(Case("images in chat", "CMYK JPEG (accepted)", 200, None,
+             body=_image(data_url(_save("CMYK", "JPEG"), "image/jpeg"))))
+    add(Case("images in chat", "16-bit grey PNG (accepted)", 200, None, body=_image(data_url(_save("I;16", "PNG")))))
+    add(Case("images in chat", "TIFF (refused: not an allowed format)", 400, "invalid_image", URL,
+             body=_image(data_url(_save("RGB", "TIFF"), "image/tiff"))))
+    # --- image URLs: schemes and addresses (SSRF) -----------------------------------------------------------------
+    refused = "image_url_not_allowed"
+    for name, url in [("not a URL", "just some words"), ("`file:` scheme", "file:///etc/passwd"),
+                      ("`ftp:` scheme", "ftp://example.com/a.png"), ("`gopher:` scheme", "gopher://example.com/_x"),
+                      ("credentials in the URL", "http://user:pw@example.com/a.png"),
+                      ("loopback 127.0.0.1", "http://127.0.0.1/a.png"), ("`localhost`", "http://localhost/a.png"),
+                      ("loopback as a decimal integer", "http://2130706433/a.png"),
+                      ("private 10.0.0.1", "http://10.0.0.1/a.png"), ("private 192.168.1.1", "http://192.168.1.1/"),
+                      ("metadata 169.254.169.254", "http://169.254.169.254/latest/meta-data/"),
+                      ("unspecified 0.0.0.0", "http://0.0.0.0/a.png"), ("IPv6 loopback [::1]", "http://[::1]/a.png"),
+                      ("IPv6 unique-local [fd00::1]", "http://[fd00::1]/a.png"),
+                      ("IPv6 link-local [fe80::1]", "http://[fe80::1]/a.png"),
+                      ("IPv4-mapped metadata [::ffff:169.254.169.254]", "http://[::ffff:169.254.169.254]/"),
+                      ("DNS name resolving to 169.254.169.254", "http://metadata.reliability.test/a.png"),
+                      ("DNS name resolving to fd00::1", "http://private6.reliability.test/a.png"),
+                      ("DNS name with one public and one private address", "http://mixed.reliability.test/a.png")]:
+        add(Case("image URLs", name, 400, refused, URL, body=_image(url)))
+    add(Case("image URLs", "DNS name that does not resolve", 400, "image_fetch_failed", URL,
+             body=_image("http://nowhere.reliability.test/a.png")))
+    # --- image URLs: fetching (the loopback gateway reaches the test file server) --------------------------------
+    for name, target in [("redirect to 10.0.0.1", "http://10.0.0.1/a.png"),
+                         ("redirect to 169.254.169.254", "http://169.254.169.254/latest/meta-data/"),
+                         ("redirect to a DNS name resolving to metadata", "http://metadata.reliability.test/"),
+                         ("redirect to `file:`", "file:///etc/passwd")]:
+        add(Case("image URLs", name, 400, refused, URL, body=_image("{files}/redirect?to=" + target),
+                 gateway="loopback"))
+    add(Case("image URLs", "redirect chain: allowed hop, then 169.254.169.254", 400, refused, URL,
+             body=_image("{files}/redirect?to={files}/redirect?to=http://169.254.169.254/"), gateway="loopback"))
+    add(Case("image URLs", "redirect loop", 400, "image_fetch_failed", URL, body=_image("{files}/loop"),
+             gateway="loopback"))
+    add(Case("image URLs", "slow server (3 s; fetch timeout 1 s)", 400, "image_fetch_failed", URL,
+             body=_image("{files}/slow.png"), gateway="loopback"))
+    add(Case("image URLs", "huge file, Content-Length 50 MB (cap 1 MiB)", 413, "image_too_large", URL,
+             body=_image("{files}/huge.png"), gateway="loopback"))
+    add(Case("image URLs", "huge file, chunked without a length (cap 1 MiB)", 413, "image_too_large", URL,
+             body=_image("{files}/huge-chunked.png"), gateway="loopback"))
+    add(Case("image URLs", "not an image content type", 400, "invalid_image", URL, body=_image("{files}/text"),
+             gateway="loopback"))
+    add(Case("image URLs", "HTTP 404", 400, "image_fetch_failed", URL, body=_image("{files}/missing"),
+             gateway="loopback"))
+    add(Case("image URLs", "allowed URL (control)", 200, None, body=_image("{files}/img.png"), gateway="loopback"))
+    # --- images API -----------------------------------------------------------------------------------------------
+    for name, fields, param in [("size not WxH", {"size": "big"}, "size"),
+                                ("size not a multiple of 8", {"size": "100x100"}, "size"),
+                                ("size over the maximum", {"size": "4096x4096"}, "size"),
+                                ("`n` = 0", {"n": 0}, "n"), ("`n` = 11", {"n": 11}, "n"),
+                                ("`response_format` png", {"response_format": "png"}, "response_format"),
+                                ("`quality` ultra", {"quality": "ultra"}, "quality"),
+                                ("`num_inference_steps` = 0", {"num_inference_steps": 0}, "num_inference_steps"),
+                                ("prompt over 4000 characters", {"prompt": "x" * 4001}, "prompt")]:
+        add(Case("images API", name, 400, "invalid_value", param, path=IMAGES, body=_images(**fields)))
+    add(Case("images API", "missing `prompt`", 400, "missing_required_parameter", "prompt", path=IMAGES,
+             body={"size": "64x64"}))
+    add(Case("images API", "unknown image model", 404, "model_not_found", "model", path=IMAGES,
+             body=_images(model="dall-e-3")))
+    # --- routes -------------------------------------------------------------------------------------------------
+    add(Case("routes", "unknown route", 404, "not_found", method="GET", path="/v1/nothing"))
+    add(Case("routes", "GET on a POST route", 405, "method_not_allowed", method="GET"))
+    return c
+
+
+CASES = _cases()

@@ -1,0 +1,366 @@
+"""Faults with real processes on loopback: an engine SIGKILLed (in-flight requests move to the survivor; with none
+left 503 + /ready false; recovery when it is back, same gateway), an SDXL worker SIGKILLed mid-job (the job is
+retried on the other worker; the pool takes the worker back when it returns), a client hanging up (the engine
+aborts the request: vLLM's own metrics), and SIGTERM to `mgm gateway` (drains in-flight requests, exits 0).
+
+The session engine (tests/gateway/conftest.py) is the survivor; one extra `mgm engine` on the same tiny checkpoint
+is the one that gets killed and restarted on the same port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from loadtests.engine_throughput import start_engine, wait_ready
+from server.gateway.config import GatewayConfig
+from server.procs import free_port
+
+#: A request that keeps the tiny engine busy for seconds even on an idle machine (4 sequences of 450 tokens with
+#: their top-20 logprobs: ~2 s on 2 idle CPU cores, more under load); SLOWEST (16 sequences) ~7 s.
+LONG = {"max_tokens": 450, "n": 4, "ignore_eos": True, "temperature": 1.0, "logprobs": True, "top_logprobs": 20}
+LONG_TOKENS = LONG["max_tokens"] * LONG["n"]
+SLOWEST = {**LONG, "n": 16}
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def wait_for(predicate, timeout: float, what: str, step: float = 0.05) -> float:  # type: ignore[no-untyped-def]
+    """Poll until ``predicate()``; returns the seconds it took."""
+    start = time.monotonic()
+    while not predicate():  # bounded by the timeout
+        assert time.monotonic() - start < timeout, f"timed out waiting for {what}"
+        time.sleep(step)
+    return time.monotonic() - start
+
+
+def chat(base: str, model: str, **fields) -> dict:  # type: ignore[no-untyped-def,type-arg]
+    return {"model": model, "messages": [{"role": "user", "content": "Tell me a long story."}], **fields}
+
+
+class SpareEngine:
+    """A killable `mgm engine` on a fixed loopback port (restartable there)."""
+
+    def __init__(self, model: Path, log_dir: Path) -> None:
+        self.model, self.log_dir, self.port = model, log_dir, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> float:
+        self.starts += 1
+        log = self.log_dir / f"spare-engine-{self.starts}.log"
+        t0 = time.monotonic()
+        self.proc = start_engine(self.model, self.port, log)
+        try:
+            wait_ready(self.proc, self.url, timeout=240)
+        except (RuntimeError, TimeoutError) as exc:
+            raise AssertionError(f"{exc}\n{log.read_text()[-3000:]}") from None
+        return time.monotonic() - t0
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture(scope="module")
+def spare(engine, tmp_path_factory) -> Iterator[SpareEngine]:  # type: ignore[no-untyped-def]
+    spare = SpareEngine(Path(engine[1]), tmp_path_factory.mktemp("spare-engine"))
+    spare.start()
+    try:
+        yield spare
+    finally:
+        spare.stop()
+
+
+def test_engine_killed_mid_request_then_none_left_then_back(engine, spare, gateway_server, record):
+    base_url, model = engine
+    both = GatewayConfig(engines=(spare.url, base_url), probe_interval_s=0.3)
+    only_spare = GatewayConfig(engines=(spare.url,), probe_interval_s=0.3)
+    with gateway_server(both) as gw, gateway_server(only_spare) as solo:
+        assert httpx.get(solo + "/ready", timeout=10).status_code == 200
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=120) as client:
+                return list(await asyncio.gather(*(client.post(gw + "/v1/chat/completions",
+                                                               json=chat(gw, model, **LONG)) for _ in range(4))))
+
+        # 4 long requests spread over both engines (least in flight); SIGKILL the spare while they run.
+        result: list[list[httpx.Response]] = []
+        thread = threading.Thread(target=lambda: result.append(asyncio.run(burst())))
+        thread.start()
+        wait_for(lambda: metric(gw, "mgm_gateway_engine_in_flight", engine=spare.url) >= 1, 30,
+                 "requests on the spare engine")
+        time.sleep(0.3)  # generating now (vLLM's own gauges are only refreshed now and then)
+        t_kill = time.monotonic()
+        spare.kill()
+        thread.join(180)
+        (responses,) = result
+        burst_s = time.monotonic() - t_kill
+        assert [r.status_code for r in responses] == [200] * 4, [r.text[:200] for r in responses]
+        assert all(r.json()["usage"]["completion_tokens"] == LONG_TOKENS for r in responses)
+        retried = metric(gw, "mgm_gateway_engine_retries_total")
+        assert retried >= 1 and metric(gw, "mgm_gateway_engine_up", engine=spare.url) == 0
+        # new requests go to the survivor
+        for _ in range(3):
+            r = httpx.post(gw + "/v1/chat/completions", json=chat(gw, model, max_tokens=2), timeout=60)
+            assert r.status_code == 200
+        # the gateway whose only engine died: 503 + retry-after, /ready false
+        r = httpx.post(solo + "/v1/chat/completions", json=chat(solo, model, max_tokens=2), timeout=60)
+        assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == "engine_unavailable"
+        ready = httpx.get(solo + "/ready", timeout=10)
+        assert ready.status_code == 503 and ready.json()["engines"][0]["up"] is False
+        # the engine comes back on its port: both gateways take it back without a restart
+        restart_s = spare.start()
+        t_up = time.monotonic()
+        back_s = wait_for(lambda: httpx.get(solo + "/ready", timeout=10).status_code == 200, 30, "recovery")
+        wait_for(lambda: metric(gw, "mgm_gateway_engine_up", engine=spare.url) == 1, 30, "recovery")
+        r = httpx.post(solo + "/v1/chat/completions", json=chat(solo, model, max_tokens=2), timeout=60)
+        assert r.status_code == 200
+        back_all_s = time.monotonic() - t_up
+    record("engine SIGKILLed with 4 requests in flight (2 engines)",
+           "4/4 requests answered in full (the ones on the dead engine retried on the survivor); new requests go "
+           "to the survivor", requests_retried=int(retried), burst_done_after_kill_s=round(burst_s, 1))
+    record("no engine left", "503 engine_unavailable + retry-after; /ready 503 with the engine down", )
+    record("killed engine restarted on its port",
+           "both gateways take it back without a restart (background /health re-probe every 0.3 s)",
+           engine_restart_s=round(restart_s, 1), ready_again_after_engine_up_s=round(back_s, 2),
+           both_gateways_back_s=round(back_all_s, 2))
+
+
+def test_client_disconnect_aborts_the_engine_request(engine, gateway_server, record):
+    """A client that hangs up mid-stream (and one that gives up on a non-streaming request) makes the gateway close
+    its engine request, and vLLM aborts it: nothing is running any more while fewer than max_tokens were generated,
+    which with ignore_eos only an abort explains (vLLM does not count client aborts in request_success_total)."""
+    base_url, model = engine
+    figures = {}
+    with gateway_server(GatewayConfig(engines=(base_url,))) as gw:
+        for kind, asked in (("stream", {**LONG, "n": 1}), ("plain", SLOWEST)):  # one sequence streams token by token
+            total = asked["max_tokens"] * asked["n"]
+            before = metric(base_url, "vllm:generation_tokens_total")
+            if kind == "stream":
+                with httpx.stream("POST", gw + "/v1/chat/completions", timeout=60,
+                                  json=chat(gw, model, stream=True, **asked)) as r:
+                    assert r.status_code == 200
+                    chunks = r.iter_lines()
+                    for _ in range(5):  # a few tokens, then hang up
+                        next(chunks)
+            else:  # a plain socket, closed while the engine works on the answer
+                body = json.dumps(chat(gw, model, **asked)).encode()
+                host, port = gw.removeprefix("http://").split(":")
+                with socket.create_connection((host, int(port)), timeout=10) as sock:
+                    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                                 b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                    sock.settimeout(0.01)
+
+                    def at_engine() -> bool:
+                        try:  # an answer already would mean there is nothing left to abort: show it
+                            raise AssertionError(sock.recv(300))
+                        except TimeoutError:
+                            return metric(gw, "mgm_gateway_engine_in_flight", engine=base_url) >= 1
+
+                    wait_for(at_engine, 30, "the request to reach the engine")
+                    time.sleep(0.2)  # generating now
+            # the gateway gave up its engine request at once (it would hold it for seconds otherwise) ...
+            figures[f"{kind}_gateway_released_after_s"] = round(wait_for(
+                lambda: metric(gw, "mgm_gateway_engine_in_flight", engine=base_url) == 0, 5,
+                "the gateway to close its engine request"), 2)
+            # ... and vLLM aborted it. vLLM refreshes its metrics now and then: wait until its token counter stands
+            # still for 1 s.
+            t0, last = time.monotonic(), -1.0
+            while (now := metric(base_url, "vllm:generation_tokens_total")) != last:  # bounded below
+                assert time.monotonic() - t0 < 30, "the engine kept generating"
+                last = now
+                time.sleep(1.0)
+            generated = last - before
+            assert 0 < generated < total, generated  # it ran, and stopped before the end
+            assert metric(base_url, "vllm:num_requests_running") == 0
+            figures[f"{kind}_tokens_generated"] = f"{int(generated)} of {total}"
+        assert metric(gw, "mgm_gateway_client_disconnects_total") >= 1
+        assert metric(gw, "mgm_gateway_engine_in_flight", engine=base_url) == 0
+        assert metric(gw, "mgm_gateway_chat_in_flight") == 0
+    record("client hangs up mid-stream / gives up on a non-streaming request",
+           "the engine request is aborted: nothing left running, generation stopped early", **figures)
+
+
+def test_sdxl_worker_killed_mid_job_and_back(sdxl_workers, engine, gateway_server, tmp_path, record):
+    """Two workers: the first listed (ours, killable) gets the job; SIGKILL it while it renders: the job is retried
+    on the other worker and the client gets its image. Restarted on its port, the worker is taken back."""
+    args = sdxl_workers[0].proc.args
+    model = args[args.index("--model") + 1]  # the session workers' tiny pipeline
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    procs: list[subprocess.Popen] = []
+
+    def start() -> subprocess.Popen:
+        log = tmp_path / f"worker-{len(procs)}.log"
+        cmd = [sys.executable, "-m", "server", "sdxl-worker", "--model", model, "--host", "127.0.0.1", "--port",
+               str(port), "--threads", "1", "--max-batch", "4", "--warmup-steps", "1", "--job-timeout", "120"]
+        with open(log, "wb") as fh:
+            procs.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                                          env={**os.environ, "HF_HUB_OFFLINE": "1"}))
+
+        def ready() -> bool:
+            assert procs[-1].poll() is None, log.read_text()[-3000:]
+            try:
+                return httpx.get(url + "/ready", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, 180, "the SDXL worker", step=0.2)
+        return procs[-1]
+
+    def kill() -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(30)
+
+    start()
+    try:
+        config = GatewayConfig(engines=(engine[0],), sdxl_workers=(url, sdxl_workers[0].url),
+                               image_model_name="sdxl-tiny", probe_interval_s=0.3)
+        with gateway_server(config) as gw:
+            job = {"prompt": "a fox", "size": "128x128", "num_inference_steps": 40, "enhance_prompt": False,
+                   "response_format": "b64_json", "seed": 1}
+            result: list[httpx.Response] = []
+            thread = threading.Thread(target=lambda: result.append(
+                httpx.post(gw + "/v1/images/generations", json=job, timeout=300)))
+            thread.start()
+            wait_for(lambda: metric(url, "mgm_sdxl_in_flight_jobs") >= 1, 30, "our worker to render the job")
+            time.sleep(0.3)
+            t_kill = time.monotonic()
+            kill()
+            thread.join(300)
+            (r,) = result
+            job_s = time.monotonic() - t_kill
+            assert r.status_code == 200 and len(r.json()["data"]) == 1, r.text[:300]
+            assert metric(gw, "mgm_gateway_sdxl_retries_total") >= 1
+            assert metric(gw, "mgm_gateway_sdxl_worker_up", worker=url) == 0
+            t0 = time.monotonic()
+            start()
+            back_s = wait_for(lambda: metric(gw, "mgm_gateway_sdxl_worker_up", worker=url) == 1, 30,
+                              "the worker to be taken back")
+            restart_s = time.monotonic() - t0 - back_s
+            ready = httpx.get(gw + "/ready", timeout=10).json()
+            assert all(w["up"] for w in ready["workers"])
+    finally:
+        kill()
+    record("SDXL worker SIGKILLed mid-job (2 workers)",
+           "the job is retried on the other worker; the client gets its image (200)",
+           job_done_after_kill_s=round(job_s, 1))
+    record("killed SDXL worker restarted on its port", "the pool takes it back (background /ready re-probe)",
+           worker_restart_s=round(restart_s, 1), taken_back_after_ready_s=round(back_s, 2))
+
+
+def _start_gateway(engine_url: str, drain_s: float, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "server", "gateway", "--engine", engine_url, "--port", str(port),
+                             "--drain-timeout", str(drain_s), "--unsafe-allow-loopback-images"],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert proc.poll() is None, log.read_text()
+        try:
+            return httpx.get(base + "/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(ready, 60, "mgm gateway", step=0.2)
+    return proc, base
+
+
+def _refused(base: str) -> bool:
+    """True when a new request gets no answer (connection refused, or accepted during the close and dropped)."""
+    try:
+        httpx.get(base + "/health", timeout=1)
+        return False
+    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
+        return True
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(engine, files, tmp_path, record):
+    """In flight at SIGTERM: a stream, and a request whose image takes 3 s to download (in flight at the gateway for
+    a known time, whatever the engine's speed). With a 20 s drain both finish; with a 0 s drain the slow one is cut.
+    Either way new connections are refused at once and the exit status is 0."""
+    base_url, model = engine
+    for drain_s in (20.0, 0.0):
+        log = tmp_path / f"gateway-{drain_s}.log"
+        proc, gw = _start_gateway(base_url, drain_s, log)
+        tag = f"sigterm-{drain_s}"
+        slow = {"model": model, "max_tokens": 2, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": f"{files.base}/slow.png?{tag}"}},
+            {"type": "text", "text": "x"}]}]}
+        slow_result: list[object] = []
+
+        def send_slow() -> None:
+            try:
+                slow_result.append(httpx.post(gw + "/v1/chat/completions", json=slow, timeout=60).status_code)
+            except httpx.HTTPError as exc:
+                slow_result.append(type(exc).__name__)
+
+        try:
+            lines: list[str] = []
+            thread = threading.Thread(target=send_slow)
+            thread.start()
+            wait_for(lambda: any(tag in p for p in files.seen), 10, "the slow image to be requested")
+            with httpx.stream("POST", gw + "/v1/chat/completions", timeout=60,
+                              json=chat(gw, model, stream=True, **{**LONG, "n": 1})) as r:
+                stream = r.iter_lines()
+                lines.append(next(stream))
+                t_term = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                wait_for(lambda: _refused(gw), 5, "the gateway to stop accepting")
+                refused_s = time.monotonic() - t_term
+                try:
+                    lines.extend(stream)
+                except httpx.HTTPError:
+                    pass
+            thread.join(60)
+            rc = proc.wait(drain_s + 15)
+            exit_s = time.monotonic() - t_term
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(30)
+        assert rc == 0, log.read_text()
+        lines = [line for line in lines if line]
+        if drain_s:
+            assert slow_result == [200], slow_result
+            assert lines[-1] == "data: [DONE]" and sum('"finish_reason":"length"' in x for x in lines) == 1, lines[-3:]
+            record("SIGTERM to `mgm gateway` with requests in flight (drain timeout 20 s)",
+                   "stops accepting at once; the stream and the 3 s request finish in full; exit 0",
+                   refused_new_connections_after_s=round(refused_s, 2), exit_after_s=round(exit_s, 1))
+        else:
+            assert slow_result and slow_result[0] != 200 and exit_s < 5, (slow_result, exit_s)
+            record("SIGTERM with a drain timeout of 0 s", "the request still in flight is cut; exit 0",
+                   exit_after_s=round(exit_s, 1))
