@@ -77,13 +77,13 @@ from server.gateway.playground import create_router as playground_router
 from server.gateway.routing import Engine, EnginePool
 from server.gateway.schemas import ChatCompletionRequest
 from server.gateway.sdxl_pool import SDXLPool, gather_or_cancel, run_while_connected
+from server.gateway.upstream import EngineClient, EngineFailed, EngineResponse, EngineTimeout, EngineUnreachable
 
 logger = logging.getLogger("mgm.gateway")
 
 ROUTES = ("/health", "/ready", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/images/generations",
           *PLAYGROUND_ROUTES)
 _FILES_PREFIX = "/v1/files/images/"
-_RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
 class MetricsMiddleware:
@@ -122,7 +122,8 @@ class Gateway:
         self.config = config
         self.resolver = resolver
         self.metrics = GatewayMetrics()
-        self.client: httpx.AsyncClient | None = None
+        self.client: httpx.AsyncClient | None = None  # probes, SDXL workers
+        self.engine_client: EngineClient | None = None  # chat requests (server.gateway.upstream)
         self.pool: EnginePool | None = None
         self.sdxl: SDXLPool | None = None
         self.store = ImageStore(config.image_store_ttl_s, config.image_store_max_items, config.image_store_max_bytes)
@@ -142,6 +143,7 @@ class Gateway:
         timeout = httpx.Timeout(self.config.request_timeout_s, connect=self.config.connect_timeout_s)
         self.client = httpx.AsyncClient(timeout=timeout, trust_env=False,
                                         limits=httpx.Limits(max_connections=1024, max_keepalive_connections=128))
+        self.engine_client = EngineClient(self.config.connect_timeout_s, self.config.request_timeout_s)
         self.pool = EnginePool(self.config.engines, self.client, probe_interval_s=self.config.probe_interval_s,
                                on_change=self._engine_changed, discover_interval_s=self.config.discover_interval_s,
                                resolve=self.resolver, on_remove=self._engine_removed)
@@ -165,6 +167,8 @@ class Gateway:
             await self.sdxl.close()
         if self.client is not None:
             await self.client.aclose()
+        if self.engine_client is not None:
+            await self.engine_client.aclose()
 
     def _engine_changed(self, engine: Engine) -> None:
         self.metrics.engine_up.labels(engine.url).set(1 if engine.up else 0)
@@ -238,10 +242,10 @@ class Gateway:
         if self.pool is not None and engine in self.pool.engines:  # not for a pod discovery already dropped
             self.metrics.engine_in_flight.labels(engine.url).set(engine.in_flight)
 
-    async def open_upstream(self, body: dict[str, Any], tried: set[Engine]) -> tuple[Engine, httpx.Response]:
+    async def open_upstream(self, body: dict[str, Any], tried: set[Engine]) -> tuple[Engine, EngineResponse]:
         """Send ``body`` to the least loaded engine not in ``tried``; connection failures mark it down and move on
         (each engine at most once per request). The caller owns the returned response and the engine's slot."""
-        assert self.pool is not None and self.client is not None
+        assert self.pool is not None and self.engine_client is not None
         while True:  # bounded: every engine at most once
             engine = self.pool.pick(tried)
             if engine is None:
@@ -253,12 +257,11 @@ class Gateway:
                 payload["model"] = engine.models[0]
             self._take(engine)
             try:
-                request = self.client.build_request("POST", engine.url + "/v1/chat/completions", json=payload)
-                return engine, await self.client.send(request, stream=True)
-            except _RETRYABLE as exc:
+                return engine, await self.engine_client.post(engine.url + "/v1/chat/completions", payload)
+            except EngineUnreachable as exc:
                 self._release(engine)
                 self._failed(engine, exc)
-            except httpx.TimeoutException:
+            except EngineTimeout:
                 self._release(engine)
                 raise _timeout() from None
             except BaseException:
@@ -276,11 +279,11 @@ class Gateway:
             self.metrics.tokens.labels("prompt").inc(int(usage.get("prompt_tokens") or 0))
             self.metrics.tokens.labels("completion").inc(int(usage.get("completion_tokens") or 0))
 
-    async def _error_body(self, engine: Engine, upstream: httpx.Response) -> APIError:
+    async def _error_body(self, engine: Engine, upstream: EngineResponse) -> APIError:
         try:
             raw = await upstream.aread()
             payload = json.loads(raw)
-        except (httpx.HTTPError, ValueError):
+        except (EngineFailed, ValueError):
             payload = None
         finally:
             await upstream.aclose()
@@ -295,12 +298,12 @@ class Gateway:
                 raise await self._error_body(engine, upstream)
             try:
                 raw = await upstream.aread()
-            except _RETRYABLE as exc:  # the engine died before the answer was complete: try the next one
+            except EngineUnreachable as exc:  # the engine died before the answer was complete: try the next one
                 self._failed(engine, exc)
                 continue
-            except httpx.TimeoutException:
+            except EngineTimeout:
                 raise _timeout() from None
-            except httpx.HTTPError:
+            except EngineFailed:
                 raise _engine_error("The engine failed while answering.") from None
             finally:
                 await upstream.aclose()
@@ -331,11 +334,11 @@ class Gateway:
                 first: bytes | None = await anext(events)
             except StopAsyncIteration:
                 first = None
-            except _RETRYABLE as exc:
+            except EngineUnreachable as exc:
                 await closer()
                 self._failed(engine, exc)
                 continue
-            except httpx.TimeoutException:
+            except EngineTimeout:
                 await closer()
                 raise _timeout() from None
             except BaseException:
@@ -378,9 +381,9 @@ class Gateway:
                 async for event in events:  # ends with the engine's stream
                     if (out := self._event(event, include_usage, state)) is not None:
                         yield out
-        except httpx.HTTPError as exc:
+        except EngineFailed as exc:
             assert self.pool is not None
-            if isinstance(exc, _RETRYABLE):
+            if isinstance(exc, EngineUnreachable):
                 self.pool.mark_down(engine, type(exc).__name__)
             logger.warning("engine failed mid-stream", extra={"fields": {"engine": engine.url,
                                                                             "error": type(exc).__name__}})
@@ -497,7 +500,7 @@ class Gateway:
 class _Closer:
     """Closes the engine response and frees the engine slot exactly once (from the relay or the response)."""
 
-    def __init__(self, gateway: Gateway, engine: Engine, upstream: httpx.Response) -> None:
+    def __init__(self, gateway: Gateway, engine: Engine, upstream: EngineResponse) -> None:
         self.gateway, self.engine, self.upstream, self.done = gateway, engine, upstream, False
 
     async def __call__(self) -> None:
@@ -530,7 +533,7 @@ class _ClosingStream(StreamingResponse):
                     callback()
 
 
-async def _sse_events(upstream: httpx.Response) -> AsyncIterator[bytes]:
+async def _sse_events(upstream: EngineResponse) -> AsyncIterator[bytes]:
     """The engine's body split into complete SSE events (``\n\n``-terminated), each as soon as it is complete."""
     buf = b""
     async for data in upstream.aiter_bytes():

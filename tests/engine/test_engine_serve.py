@@ -41,6 +41,13 @@ def test_cpu_defaults(tmp_path, monkeypatch):
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2"
     cpus = sorted(os.sched_getaffinity(0))
     assert env["VLLM_CPU_OMP_THREADS_BIND"].split(",")[0].split("-")[0] == str(cpus[0])
+    def bound(*flags: str) -> set[int]:  # "0-2,5" → {0, 1, 2, 5}
+        spec = _command(["--model", str(tmp_path), "--device", "cpu", *flags])[1]["VLLM_CPU_OMP_THREADS_BIND"]
+        return {c for part in spec.split(",") for a, _, b in [part.partition("-")] for c in range(int(a), int(b or a) + 1)}
+
+    # default 'reserve': every usable CPU but the last, which is left to the API server; 'all': every one
+    assert bound() == (set(cpus[:-1]) if len(cpus) > 1 else set(cpus))
+    assert bound("--cpu-threads-bind", "all") == set(cpus)
     assert env["VLLM_TARGET_DEVICE"] == "cpu"
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "6")  # an existing vLLM setting is the next default
     assert _command(["--model", str(tmp_path), "--device", "cpu"])[1]["VLLM_CPU_KVCACHE_SPACE"] == "6"
