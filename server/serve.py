@@ -277,6 +277,7 @@ def _serve(args: argparse.Namespace, cache: Path, logs: Path, stop: _Stop) -> in
     if keys:
         print("Authentication is on: set MGM_API_KEY to one of the keys for the example.", flush=True)
     print(f"\n{chat_curl(base, chat_model, auth_env='MGM_API_KEY' if keys else None)}\n", flush=True)
+    print(f"Playground (in a browser): {base}/\n", flush=True)
     return _supervise(children, stop)
 
 

@@ -49,6 +49,9 @@ def test_ready_line_logs_and_children(stack: Serve, tiny_models):  # type: ignor
     for name in ("engine-0", "sdxl-worker-0", "gateway"):
         assert (logs / f"{name}.log").stat().st_size > 0, name
     assert str(logs) in out
+    assert f"Playground (in a browser): {stack.base}/" in out  # type: ignore[attr-defined]
+    page = httpx.get(f"{stack.base}/", timeout=10)  # type: ignore[attr-defined]
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")  # public: no key needed
     # the extra vLLM arguments after -- reached the engine
     assert "--max-model-len 512" in (logs / "engine-0.log").read_text(errors="replace")
 
