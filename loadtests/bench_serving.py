@@ -49,7 +49,7 @@ def requests_for(concurrency: int, per_level: int, cap: int) -> int:
 
 
 def ensure_checkpoints() -> None:
-    from loadtests.engine_throughput import ensure_tiny
+    from loadtests.stack import ensure_tiny
 
     ensure_tiny(TINY)
     if not (TINY_HD / "config.json").exists():

@@ -38,12 +38,3 @@ def cpu_name() -> str:
         pass
     return f"{model}, {os.cpu_count()} cores"
 
-
-def remove_section(path: str | Path, name: str) -> None:
-    """Drop the block ``name`` (and the blank line before it) when present."""
-    path = Path(path)
-    if not path.exists():
-        return
-    pattern = re.compile(rf"\n*<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->", re.S)
-    text = pattern.sub("", path.read_text())
-    path.write_text(text.rstrip() + "\n")

@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from loadtests.markdown import markdown_table, remove_section, update_section
+from loadtests.markdown import markdown_table, update_section
 
 PLOTS = Path("benchmarks")
 #: Targets of the serving benchmark (issue "Load tests and benchmarks against the official serving path").
@@ -405,7 +405,6 @@ def render(json_path: Path, out: Path) -> None:
     plots(data)
     if "baseline" in data or "gateway" in data:
         update_section(out, "serving-cpu", serving_section(data))
-        remove_section(out, "engine-cpu")  # superseded: the engine-direct sweep is part of serving-cpu
     if data.get("sdxl_pool"):
         update_section(out, "sdxl-pool-cpu", sdxl_section(data))
 

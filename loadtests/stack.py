@@ -5,15 +5,41 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from server.procs import Child, free_ports, stop_children
+from server.procs import Child, free_ports, http_ok, stop_children
 
 #: The engine's vLLM flags for the benchmarks: room for 64 concurrent sequences with one image each.
 ENGINE_ARGS = ("--max-model-len", "512", "--max-num-seqs", "64", "--limit-mm-per-prompt", '{"image": 1}')
+
+
+def ensure_tiny(path: Path) -> Path:
+    """The tiny random-weight Llama MGM checkpoint at ``path``, built there once."""
+    if not (path / "config.json").exists():
+        from engine.tiny import build_tiny
+        build_tiny(path, backbone="llama", hd=False, seed=0)
+    return path
+
+
+def start_engine(model: Path, port: int, log: Path) -> subprocess.Popen:
+    """`mgm engine` with the benchmark flags as a bare process in its own session (for tests that kill it)."""
+    cmd = _mgm("engine", "--model", str(model), "--host", "127.0.0.1", "--port", str(port), *ENGINE_ARGS)
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_engine_ready(proc: subprocess.Popen, base: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"engine exited with {proc.returncode} before it was ready")
+        if http_ok(f"{base}/health"):
+            return
+        time.sleep(1)
+    raise TimeoutError(f"engine not ready after {timeout:.0f} s")
 
 
 def _env() -> dict[str, str]:

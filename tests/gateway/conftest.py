@@ -1,6 +1,6 @@
 """Gateway test fixtures: a real uvicorn per gateway (thread, free loopback port), a local image HTTP server
 (127.0.0.1, so gateways under test set the test-only ``allow_loopback``), ONE real ``mgm engine`` on the tiny
-checkpoint for the whole session (started with the helpers of loadtests/engine_throughput.py), and two real
+checkpoint for the whole session (started with the helpers of loadtests/stack.py), and two real
 ``mgm sdxl-worker`` processes on a tiny SDXL pipeline for the image tests."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(str(c) for c in sort
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from loadtests.engine_throughput import start_engine, wait_ready
+from loadtests.stack import start_engine, wait_engine_ready
 from server.procs import free_port  # noqa: E402
 
 
@@ -164,7 +164,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
     base = f"http://127.0.0.1:{port}"
     try:
         try:
-            wait_ready(proc, base, timeout=240)
+            wait_engine_ready(proc, base, timeout=240)
         except (RuntimeError, TimeoutError) as exc:
             raise AssertionError(f"{exc}\n{log.read_text()[-3000:]}") from None
         model_id = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]

@@ -52,7 +52,7 @@ class _Files(BaseHTTPRequestHandler):
 
 
 def _checkpoints(cache: Path) -> tuple[Path, Path]:
-    from loadtests.engine_throughput import ensure_tiny
+    from loadtests.stack import ensure_tiny
 
     model = ensure_tiny(cache / "tiny-mgm")
     sdxl = cache / "tiny-sdxl"

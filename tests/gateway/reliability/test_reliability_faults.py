@@ -24,7 +24,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtests.engine_throughput import start_engine, wait_ready
+from loadtests.stack import start_engine, wait_engine_ready
 from server.gateway.config import GatewayConfig
 from server.procs import free_port
 
@@ -72,7 +72,7 @@ class SpareEngine:
         t0 = time.monotonic()
         self.proc = start_engine(self.model, self.port, log)
         try:
-            wait_ready(self.proc, self.url, timeout=240)
+            wait_engine_ready(self.proc, self.url, timeout=240)
         except (RuntimeError, TimeoutError) as exc:
             raise AssertionError(f"{exc}\n{log.read_text()[-3000:]}") from None
         return time.monotonic() - t0
