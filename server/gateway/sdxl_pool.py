@@ -30,13 +30,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx
 from fastapi import Request
 
-from server.gateway.discovery import BackendDiscovery, Resolve, reconcile
+from server.gateway.backends import Backend, BackendPool
+from server.gateway.discovery import Resolve
 from server.gateway.errors import APIError, normalize_upstream
 from server.gateway.metrics import GatewayMetrics
 
@@ -47,35 +48,30 @@ T = TypeVar("T")
 
 
 @dataclass(eq=False)
-class SDXLWorker:
-    url: str
-    up: bool = False
-    in_flight: int = 0
+class SDXLWorker(Backend):
     max_batch: int = 4  # images per job; refreshed from the worker's /ready
-    probe_task: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
-class SDXLPool:
+class SDXLPool(BackendPool[SDXLWorker]):
+    noun = "sdxl worker"
+    log_field = "worker"
+
     def __init__(self, urls: tuple[str, ...], client: httpx.AsyncClient, metrics: GatewayMetrics, *,
                  max_in_flight: int = 2, max_queue: int = 32, probe_interval_s: float = 2.0,
                  probe_timeout_s: float = 2.0, retry_after_s: int = 2, job_timeout_s: float = 600.0,
                  discover_interval_s: float = 0.0, resolve: Resolve | None = None) -> None:
-        self.workers = [SDXLWorker(u.rstrip("/")) for u in urls]
+        super().__init__(urls, SDXLWorker, logger, probe_interval_s=probe_interval_s,
+                         discover_interval_s=discover_interval_s, resolve=resolve)
         self.client, self.metrics = client, metrics
         self.max_in_flight, self.max_queue = max_in_flight, max_queue
-        self.probe_interval_s, self.probe_timeout_s = probe_interval_s, probe_timeout_s
+        self.probe_timeout_s = probe_timeout_s
         self.retry_after_s, self.job_timeout_s = retry_after_s, job_timeout_s
         self.waiting = 0
-        self._changed = asyncio.Condition()
-        self._closed = False
-        self.discover_interval_s = discover_interval_s
-        self._discovery: BackendDiscovery | None = None
-        self._discover_task: asyncio.Task[None] | None = None
-        if discover_interval_s > 0:
-            if resolve is None:
-                from server.gateway.images import system_resolver as resolve
-            self._discovery = BackendDiscovery(urls, resolve)
-            self.workers = []  # filled by the first refresh()
+        self._changed = asyncio.Condition()  # notified on every slot release and up/down change: wakes waiting jobs
+
+    @property
+    def workers(self) -> list[SDXLWorker]:
+        return self.backends
 
     # --- probing ---------------------------------------------------------------------------------------------------
 
@@ -91,95 +87,24 @@ class SDXLPool:
         await self._set(worker, ok)
         return ok
 
-    async def probe_all(self) -> None:
-        if self._discovery is not None:
-            await self.refresh()  # probes what it finds
-            if self._discover_task is None and not self._closed:
-                self._discover_task = asyncio.get_running_loop().create_task(self._discover_loop())
-            return
-        await self._probe_new(self.workers)
-
-    async def _probe_new(self, workers: list[SDXLWorker]) -> None:
-        await asyncio.gather(*(self.probe(w) for w in workers))
-        for worker in workers:
-            if not worker.up:
-                self._start_reprobe(worker)
-
-    # --- discovery -------------------------------------------------------------------------------------------------
-
-    async def refresh(self) -> None:
-        """Re-resolve the configured names; add (and probe) new workers, drop vanished ones."""
-        assert self._discovery is not None
-        urls = await self._discovery.resolve()
-        if self._closed:
-            return
-        self.workers, added, removed = reconcile(self.workers, urls, SDXLWorker)
-        for worker in removed:
-            logger.info("sdxl worker removed (no longer in DNS)", extra={"fields": {"worker": worker.url}})
-            if worker.probe_task is not None:
-                worker.probe_task.cancel()
-            worker.up = False
-            with contextlib.suppress(KeyError):
-                self.metrics.sdxl_worker_up.remove(worker.url)
-        for worker in added:
-            logger.info("sdxl worker discovered", extra={"fields": {"worker": worker.url}})
-        if removed:
-            self._gauges()
-            async with self._changed:  # waiters re-check: their candidates may be gone
-                self._changed.notify_all()
-        await self._probe_new(added)
-
-    async def _discover_loop(self) -> None:
-        while not self._closed:  # ends when the pool closes
-            await asyncio.sleep(self.discover_interval_s)
-            try:
-                await self.refresh()
-            except Exception:  # a bug here must not stop discovery for good
-                logger.exception("sdxl worker discovery failed")
-
     async def _set(self, worker: SDXLWorker, up: bool) -> None:
-        if worker.up != up:
-            logger.log(logging.INFO if up else logging.WARNING, "sdxl worker %s", "up" if up else "down",
-                       extra={"fields": {"worker": worker.url}})
-        worker.up = up
-        if worker in self.workers:  # a worker removed by discovery keeps no metric series
+        if self._record(worker, up):  # a worker removed by discovery keeps no metric series
             self.metrics.sdxl_worker_up.labels(worker.url).set(1 if up else 0)
         async with self._changed:
             self._changed.notify_all()
 
     async def mark_down(self, worker: SDXLWorker, reason: str) -> None:
-        if worker.up:
-            logger.warning("marking sdxl worker down", extra={"fields": {"worker": worker.url, "reason": reason}})
+        self._log_mark_down(worker, reason)
         await self._set(worker, False)
         self._start_reprobe(worker)
 
-    def _start_reprobe(self, worker: SDXLWorker) -> None:
-        if self._closed or (worker.probe_task is not None and not worker.probe_task.done()):
-            return
-        if worker not in self.workers:  # removed by discovery while a job on it failed: nothing to wait for
-            return
-        worker.probe_task = asyncio.get_running_loop().create_task(self._reprobe(worker))
-
-    async def _reprobe(self, worker: SDXLWorker) -> None:
-        while not self._closed and not worker.up:  # ends when the worker is back or the pool closes
-            await asyncio.sleep(self.probe_interval_s)
-            if not self._closed:
-                await self.probe(worker)
-
-    async def close(self) -> None:
-        self._closed = True
-        tasks = [w.probe_task for w in self.workers if w.probe_task is not None]
-        if self._discover_task is not None:
-            tasks.append(self._discover_task)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-
-    @property
-    def any_up(self) -> bool:
-        return any(w.up for w in self.workers)
+    async def _on_removed(self, removed: list[SDXLWorker]) -> None:
+        for worker in removed:
+            with contextlib.suppress(KeyError):
+                self.metrics.sdxl_worker_up.remove(worker.url)
+        self._gauges()
+        async with self._changed:  # waiters re-check: their candidates may be gone
+            self._changed.notify_all()
 
     def status(self) -> list[dict[str, Any]]:
         return [{"url": w.url, "up": w.up, "in_flight": w.in_flight, "max_batch": w.max_batch} for w in self.workers]
