@@ -1,4 +1,9 @@
-"""Fixtures for the ``mgm serve`` tests: tiny checkpoints built once into a tmp dir (never .cache/)."""
+"""Fixtures for the ``mgm serve`` tests: tiny checkpoints built once into a tmp dir (never .cache/), and ONE live
+``mgm serve`` stack shared by every test that needs it (it takes about a minute to start on 2 cores).
+
+The SIGTERM test stops that stack, so it is marked ``stops_stack`` and :func:`pytest_collection_modifyitems` moves
+it after every other user of the stack whatever the file order or selection; the function-scoped ``stack`` fixture
+fails loudly if the stack is found stopped anyway, rather than letting a test time out against a dead port."""
 
 from __future__ import annotations
 
@@ -6,6 +11,10 @@ import os
 from pathlib import Path
 
 import pytest
+from serve_live import ALIAS, API_KEY, VLLM_ARGS, Serve, start_serve
+
+from server.procs import free_port
+from server.serve import READY_PREFIX
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -19,3 +28,45 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("serve-models")
     return Path(build_tiny(root / "tiny-mgm", backbone="llama", hd=False, seed=0)), build_tiny_sdxl(
         root / "tiny-sdxl", seed=0)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "stops_stack: stops the shared `mgm serve` stack; runs after its other users")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Move ``stops_stack`` tests right after the last test that uses the shared stack (a no-op in file order),
+    so the stack is stopped as soon as nothing needs it; everything else keeps its order."""
+    stoppers = [item for item in items if item.get_closest_marker("stops_stack")]
+    rest = [item for item in items if not item.get_closest_marker("stops_stack")]
+    users = [n for n, item in enumerate(rest) if "serve_stack" in getattr(item, "fixturenames", ())]
+    if stoppers and users:
+        items[:] = rest[:users[-1] + 1] + stoppers + rest[users[-1] + 1:]
+
+
+@pytest.fixture(scope="session")
+def serve_stack(tiny_models, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """``mgm serve`` (tiny MGM engine + tiny SDXL worker + gateway, API key on) with ``base`` (its URL) and ``tmp``
+    (its directory: cache, logs) attached."""
+    model, image_model = tiny_models
+    tmp = tmp_path_factory.mktemp("serve-stack")
+    port = free_port()
+    serve = start_serve(tmp, "--model", str(model), "--image-model", str(image_model), "--port", str(port),
+                        "--model-name", ALIAS, "--stop-timeout", "20", *VLLM_ARGS, env={"MGM_API_KEYS": API_KEY})
+    serve.tmp = tmp  # type: ignore[attr-defined]
+    serve.base = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
+    try:
+        serve.wait_for(lambda: READY_PREFIX in serve.stdout(), 150, "ready line")
+        yield serve
+    finally:
+        if serve.proc.poll() is None:
+            serve.stop()
+
+
+@pytest.fixture
+def stack(serve_stack: Serve) -> Serve:
+    """The shared stack, checked to be still running."""
+    if serve_stack.proc.poll() is not None:
+        pytest.fail(f"the shared mgm serve stack has exited ({serve_stack.proc.returncode}); only a test marked "
+                    f"stops_stack may stop it, and those run last\n{serve_stack.logs()}")
+    return serve_stack

@@ -1,6 +1,7 @@
 """The playground page (``/``) in real headless Chromium — Debian's ``/usr/bin/chromium`` driven by Playwright, no
-browser download — against a live ``mgm serve`` (tiny MGM engine + tiny SDXL worker + gateway, API keys on) on
-loopback. Screenshots go to ``.cache/test-artifacts/playground/`` (``$MGM_TEST_ARTIFACTS/playground`` if set).
+browser download — against conftest.py's shared live ``mgm serve`` (tiny MGM engine + tiny SDXL worker + gateway,
+API keys on) on loopback. Screenshots go to ``.cache/test-artifacts/playground/``
+(``$MGM_TEST_ARTIFACTS/playground`` if set).
 
 The random-weight model rarely writes ``<h>…</h>`` by itself, so the generation test does what a power user would:
 it types vLLM's ``structured_outputs`` constraint into the page's "Extra JSON body" field (merged into the request
@@ -18,13 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
-from serve_live import REPO, VLLM_ARGS, start_serve
+from serve_live import ALIAS, API_KEY, REPO
 
-from server.procs import free_port
-from server.serve import READY_PREFIX
-
-KEY = "sk-playground-test"
-ALIAS = "mgm-tiny"
 CHROMIUM = os.environ.get("MGM_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("MGM_TEST_ARTIFACTS") or REPO / ".cache" / "test-artifacts") / "playground"
 #: Chromium flags for a closed network: no background traffic (it would flood it), no sandbox (root in CI).
@@ -38,23 +34,7 @@ playwright_sync = pytest.importorskip("playwright.sync_api", reason="playwright 
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_models, tmp_path_factory):  # type: ignore[no-untyped-def]
-    model, image_model = tiny_models
-    tmp = tmp_path_factory.mktemp("playground-stack")
-    port = free_port()
-    serve = start_serve(tmp, "--model", str(model), "--image-model", str(image_model), "--port", str(port),
-                        "--model-name", ALIAS, "--stop-timeout", "20", *VLLM_ARGS, env={"MGM_API_KEYS": KEY})
-    serve.base = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
-    try:
-        serve.wait_for(lambda: READY_PREFIX in serve.stdout(), 150, "ready line")
-        yield serve
-    finally:
-        if serve.proc.poll() is None:
-            serve.stop()
-
-
-@pytest.fixture(scope="module")
-def browser(stack):  # type: ignore[no-untyped-def]
+def browser(serve_stack):  # type: ignore[no-untyped-def]
     if not os.access(CHROMIUM, os.X_OK):  # `make test` installs it and sets MGM_REQUIRE_BROWSER: never skipped there
         message = f"{CHROMIUM} is missing: `make browser` installs Debian's chromium"
         if os.environ.get("MGM_REQUIRE_BROWSER"):
@@ -90,7 +70,7 @@ class Visit:
         if url.endswith("/v1/chat/completions"):
             self.chat_bodies.append(json.loads(request.post_data))
 
-    def login(self, key: str = KEY) -> None:
+    def login(self, key: str = API_KEY) -> None:
         self.page.fill("#api-key", key)
         self.page.press("#api-key", "Tab")  # "change" → the model list is loaded with the key
 
@@ -348,7 +328,7 @@ def test_stop_button_ends_a_long_answer(stack, browser):  # type: ignore[no-unty
     page = visit.page
     visit.login()
     visit.wait_model()
-    page.fill("#max-tokens", "400")
+    page.fill("#max-tokens", "4000")  # long enough to be streaming still when Stop is clicked, however fast
     page.click("summary:has-text('Advanced')")
     page.fill("#extra", json.dumps({"ignore_eos": True}))  # a vLLM extra: no early end of the answer
     page.fill("#prompt", "Tell me a long story.")

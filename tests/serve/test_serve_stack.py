@@ -1,5 +1,6 @@
 """`mgm serve` end to end: tiny MGM engine + tiny SDXL worker + gateway as real child processes on loopback, driven
-by the official openai SDK; then SIGTERM stops every child and serve exits 0."""
+by the official openai SDK (the stack is conftest.py's, shared with the playground tests); then SIGTERM stops every
+child and serve exits 0."""
 
 from __future__ import annotations
 
@@ -10,35 +11,15 @@ import time
 import httpx
 import openai
 import pytest
-from serve_live import VLLM_ARGS, Serve, leftovers, start_serve
+from serve_live import ALIAS, API_KEY, Serve, leftovers
 
-from server.procs import free_port, png_data_url
+from server.procs import png_data_url
 from server.serve import READY_PREFIX
 
-KEY = "sk-serve-test"
-ALIAS = "mgm-tiny"
-
-
 @pytest.fixture(scope="module")
-def stack(tiny_models, tmp_path_factory):  # type: ignore[no-untyped-def]
-    model, image_model = tiny_models
-    tmp = tmp_path_factory.mktemp("serve-stack")
-    port = free_port()
-    serve = start_serve(tmp, "--model", str(model), "--image-model", str(image_model), "--port", str(port),
-                        "--model-name", ALIAS, "--stop-timeout", "20", *VLLM_ARGS, env={"MGM_API_KEYS": KEY})
-    serve.tmp = tmp  # type: ignore[attr-defined]
-    serve.base = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
-    try:
-        serve.wait_for(lambda: READY_PREFIX in serve.stdout(), 150, "ready line")
-        yield serve
-    finally:
-        if serve.proc.poll() is None:
-            serve.stop()
-
-
-@pytest.fixture(scope="module")
-def client(stack: Serve) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.base + "/v1", api_key=KEY, max_retries=0, timeout=120)  # type: ignore[attr-defined]
+def client(serve_stack: Serve) -> openai.OpenAI:
+    base = serve_stack.base  # type: ignore[attr-defined]
+    return openai.OpenAI(base_url=base + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
 
 
 def test_ready_line_logs_and_children(stack: Serve, tiny_models):  # type: ignore[no-untyped-def]
@@ -53,7 +34,7 @@ def test_ready_line_logs_and_children(stack: Serve, tiny_models):  # type: ignor
     page = httpx.get(f"{stack.base}/", timeout=10)  # type: ignore[attr-defined]
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")  # public: no key needed
     # the extra vLLM arguments after -- reached the engine
-    assert "--max-model-len 512" in (logs / "engine-0.log").read_text(errors="replace")
+    assert "--max-model-len 4096" in (logs / "engine-0.log").read_text(errors="replace")
 
 
 def test_models_list(client: openai.OpenAI, tiny_models):  # type: ignore[no-untyped-def]
@@ -81,17 +62,19 @@ def test_auth_is_on(stack: Serve):
 
 def test_printed_curl_example_works(stack: Serve):
     curl = next(line for line in stack.stdout().splitlines() if line.startswith("curl "))
-    assert "$MGM_API_KEY" in curl and KEY not in stack.stdout()  # the key itself is never printed
+    assert "$MGM_API_KEY" in curl and API_KEY not in stack.stdout()  # the key itself is never printed
     url = re.search(r"curl -s (\S+)", curl)[1]  # type: ignore[index]
     body = re.search(r"-d '(.*)'$", curl)[1]  # type: ignore[index]
-    r = httpx.post(url, content=body, headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
-                   timeout=120)
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}
+    r = httpx.post(url, content=body, headers=headers, timeout=120)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"]
 
 
+@pytest.mark.stops_stack
 def test_sigterm_stops_every_child(stack: Serve):
-    """Runs last in this module: SIGTERM → every child's process group empty, exit 0, within a bound."""
+    """Runs after every other user of the shared stack (the ``stops_stack`` mark, see conftest.py): SIGTERM → every
+    child's process group empty, exit 0, within a bound."""
     children = stack.children()
     assert all(leftovers([pid]) for pid in children.values())  # all alive before
     start = time.monotonic()
