@@ -25,9 +25,10 @@ def ensure_tiny(path: Path) -> Path:
     return path
 
 
-def start_engine(model: Path, port: int, log: Path) -> subprocess.Popen:
-    """`mgm engine` with the benchmark flags as a bare process in its own session (for tests that kill it)."""
-    cmd = _mgm("engine", "--model", str(model), "--host", "127.0.0.1", "--port", str(port), *ENGINE_ARGS)
+def start_engine(model: Path, port: int, log: Path, extra: Sequence[str] = ()) -> subprocess.Popen:
+    """`mgm engine` with the benchmark flags (``extra`` after them wins) as a bare process in its own session (for
+    tests that kill it)."""
+    cmd = _mgm("engine", "--model", str(model), "--host", "127.0.0.1", "--port", str(port), *ENGINE_ARGS, *extra)
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
