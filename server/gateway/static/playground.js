@@ -310,10 +310,18 @@
     setBusy(true);
     const started = performance.now();
     let answer = "", images = [], finish = null, usage = null;
+    // Re-rendering the whole answer per token is quadratic: paint at most once per frame, and give the browser a
+    // turn every 50 ms even when the stream arrives faster than it is parsed (Stop and scrolling stay responsive).
+    let painting = false, lastYield = performance.now();
+    const paint = () => { painting = false; renderText(textNode, answer); scrollDown(); };
     try {
       const response = await api("v1/chat/completions", request, controller.signal);
       if (request.stream) {
         for await (const ev of sseEvents(response)) {
+          if (performance.now() - lastYield > 50) {
+            await new Promise((resolve) => setTimeout(resolve, 0));
+            lastYield = performance.now();
+          }
           if (ev.data === "[DONE]") break;
           let chunk;
           try { chunk = JSON.parse(ev.data); } catch { continue; }
@@ -323,7 +331,10 @@
           for (const choice of chunk.choices || []) {
             if (choice.index) continue; // the page asks for one choice
             const delta = choice.delta || {};
-            if (delta.content) { answer += delta.content; renderText(textNode, answer); scrollDown(); }
+            if (delta.content) {
+              answer += delta.content;
+              if (!painting) { painting = true; requestAnimationFrame(paint); }
+            }
             if (Array.isArray(delta.images)) images.push(...delta.images);
             if (choice.finish_reason) finish = choice.finish_reason;
           }
@@ -337,6 +348,7 @@
         usage = payload.usage;
         renderText(textNode, answer);
       }
+      paint(); // the last tokens, whether or not a frame came since
       history.push(turn, { role: "assistant", content: answer });
     } catch (err) {
       if (err.name === "AbortError") {
