@@ -321,25 +321,3 @@ def test_api_errors_are_readable(stack, browser):  # type: ignore[no-untyped-def
     assert "Invalid value for 'size'" in text and "(parameter: size)" in text
     visit.shot("errors.png")
     visit.close()
-
-
-def test_stop_button_ends_a_long_answer(stack, browser):  # type: ignore[no-untyped-def]
-    visit = Visit(browser, stack.base)
-    page = visit.page
-    visit.login()
-    visit.wait_model()
-    page.fill("#max-tokens", "4000")  # long enough to be streaming still when Stop is clicked, however fast
-    page.click("summary:has-text('Advanced')")
-    page.fill("#extra", json.dumps({"ignore_eos": True}))  # a vLLM extra: no early end of the answer
-    page.fill("#prompt", "Tell me a long story.")
-    page.press("#prompt", "Enter")
-    # Stop at once, not after the first words: vLLM's CPU server on 2 busy cores sometimes holds a stream back and
-    # sends it in one burst at the end (seen on the engine directly too), which would race the click.
-    page.wait_for_selector("#stop", state="visible")
-    # the streaming log scrolls the page every frame, so pointer "stability" never settles: fire the click itself
-    page.locator("#stop").dispatch_event("click")
-    _answer_done(page, 1)
-    meta = page.text_content(".msg.assistant .meta")
-    assert "finish: stopped" in meta and page.locator(".msg.assistant [role=alert]").count() == 0, meta
-    assert page.is_enabled("#send") and not page.is_visible("#stop")
-    visit.close()
