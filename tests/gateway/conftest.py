@@ -12,22 +12,22 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from live import http_server, uvicorn_thread
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(str(c) for c in sorted(os.sched_getaffinity(0))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from loadtests.stack import start_engine, wait_engine_ready
+from loadtests import stack
 from server.procs import free_port  # noqa: E402
 
 
@@ -54,18 +54,8 @@ def serve_app(app) -> Iterator[str]:  # type: ignore[no-untyped-def]
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:  # bounded by the deadline
-        assert thread.is_alive() and time.monotonic() < deadline, "gateway did not start"
-        time.sleep(0.02)
-    try:
+    with uvicorn_thread(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
 
 
 class GatewayServers:
@@ -138,15 +128,8 @@ class ImageServer:
 @pytest.fixture(scope="session")
 def image_server(png: bytes) -> Iterator[ImageServer]:
     handler = type("Handler", (_ImageHandler,), {"png": png, "hosts": []})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield ImageServer(f"http://127.0.0.1:{server.server_address[1]}", handler.hosts)
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_server(handler) as base:
+        yield ImageServer(base, handler.hosts)
 
 
 @pytest.fixture(scope="session")
@@ -158,24 +141,11 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
 
     root = tmp_path_factory.mktemp("gateway-engine")
     model = build_tiny(root / "tiny", backbone="llama", hd=False, seed=0)
-    port = free_port()
-    log = Path(root / "engine.log")
-    proc = start_engine(Path(model), port, log)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        try:
-            wait_engine_ready(proc, base, timeout=240)
-        except (RuntimeError, TimeoutError) as exc:
-            raise AssertionError(f"{exc}\n{log.read_text()[-3000:]}") from None
+    child = stack.engine(Path(model), free_port(), root)
+    with stack.running([child], timeout=240):  # a start failure shows the end of the engine's log
+        base = stack.base_url(child)
         model_id = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
         yield base, model_id
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except Exception:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
 
 
 # --- SDXL workers (tiny random pipeline) for the image tests ---------------------------------------------------------

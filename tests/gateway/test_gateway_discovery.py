@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
+from live import uvicorn_thread
 
 from server.gateway.config import GatewayConfig
 from server.gateway.discovery import BackendDiscovery, discoverable, reconcile, with_address
@@ -110,18 +110,8 @@ def serve_on(app, host: str, port: int) -> Iterator[str]:  # type: ignore[no-unt
     """A real uvicorn for ``app`` on ``host:port`` in a thread (what a pod of a headless Service is)."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:  # bounded by the deadline
-        assert thread.is_alive() and time.monotonic() < deadline, f"server on {host}:{port} did not start"
-        time.sleep(0.02)
-    try:
+    with uvicorn_thread(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")):
         yield f"http://{host}:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
 
 
 def _port_free_on(hosts: tuple[str, ...]) -> int:

@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from live import uvicorn_thread
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -24,16 +25,8 @@ def baseline(tmp_path_factory):
     path = build_tiny(tmp_path_factory.mktemp("baseline") / "tiny", backbone="llama", hd=False, seed=0)
     worker = Worker(path)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(worker, 5), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:  # bounded by the deadline
-        assert thread.is_alive() and time.monotonic() < deadline, "baseline did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", worker, path
-    server.should_exit = True
-    thread.join(timeout=15)
+    with uvicorn_thread(uvicorn.Config(create_app(worker, 5), host="127.0.0.1", port=port, log_level="warning")):
+        yield f"http://127.0.0.1:{port}", worker, path
 
 
 def _send(base: str, body: dict):  # type: ignore[no-untyped-def]

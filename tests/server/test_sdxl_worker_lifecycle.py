@@ -15,6 +15,7 @@ import time
 
 import httpx
 import pytest
+from live import uvicorn_thread
 import torch
 from sdxl_live import SLOW, SMALL, assert_error, metric, wait_for
 
@@ -37,21 +38,16 @@ def local_worker(tiny_sdxl):
                           batch_wait_s=0.0)
     app = create_app(config, runner_factory=gated_runner)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
-                                           timeout_graceful_shutdown=5))
+    server_config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
+                                   timeout_graceful_shutdown=5)
     threads = torch.get_num_threads()  # SDXLRunner(threads=1) sets this process-wide; restored below
-    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:  # bounded by the deadline
-        assert thread.is_alive() and time.monotonic() < deadline, "in-process worker did not start"
-        time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}", gate, app.state.worker
+        with uvicorn_thread(server_config, join_timeout=30):
+            try:
+                yield f"http://127.0.0.1:{port}", gate, app.state.worker
+            finally:
+                gate.set()  # before the server stops: a job blocked on the gate would hold it
     finally:
-        gate.set()
-        server.should_exit = True
-        thread.join(30)
         torch.set_num_threads(threads)
 
 

@@ -4,15 +4,15 @@ a loopback file server with hostile routes, and a resolver for the ``*.reliabili
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from live import http_server
 from reliability_cases import PNG
 from reliability_table import FAULTS_JSON
 
@@ -81,15 +81,8 @@ class FileServer:
 @pytest.fixture(scope="session")
 def files() -> Iterator[FileServer]:
     handler = type("Files", (_Files,), {"seen": []})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield FileServer(f"http://127.0.0.1:{server.server_address[1]}", handler.seen)
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_server(handler) as base:
+        yield FileServer(base, handler.seen)
 
 
 @pytest.fixture(scope="session")
