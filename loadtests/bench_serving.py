@@ -31,6 +31,7 @@ import httpx
 from loadtests import stack
 from loadtests.loadgen import Bounds, run_level
 from loadtests.scenarios import Scenario
+from server.procs import free_ports
 
 TINY = Path(".cache/tiny-mgm")
 TINY_HD = Path(".cache/tiny-mgm-hd")
@@ -130,7 +131,7 @@ class Bench:
     # -- phases -------------------------------------------------------------------------------------------------
 
     def baseline(self) -> None:
-        port, = stack.ports(1)
+        port, = free_ports(1)
         with stack.running([stack.baseline(TINY, port, self.logs)]) as (child,):
             base = stack.base_url(child)
             s = self.scenario("image", _model_id(base))
@@ -141,7 +142,7 @@ class Bench:
                 "text": self.closed(base, self.scenario("text", s.model), 32, "baseline")}
 
     def our_stack(self) -> None:
-        p_engine, p_worker, p_gateway = stack.ports(3)
+        p_engine, p_worker, p_gateway = free_ports(3)
         engine = stack.engine(TINY, p_engine, self.logs, extra=self.args.engine_arg)
         worker = stack.sdxl_worker(TINY_SDXL, p_worker, self.logs, "sdxl-worker", threads=1)
         gateway = stack.gateway(p_gateway, [stack.base_url(engine)], [stack.base_url(worker)], self.logs)
@@ -188,12 +189,12 @@ class Bench:
         that never batches. The gateway lets each worker hold as many jobs as it batches."""
         cores = len(os.sched_getaffinity(0))
         rows = []
-        p_engine, = stack.ports(1)
+        p_engine, = free_ports(1)
         # the gateway needs an engine to be ready; the images API without enhance_prompt never calls it
         with stack.running([stack.engine(TINY, p_engine, self.logs, name="pool-engine", extra=self.args.engine_arg)]) as (engine,):
             model = _model_id(stack.base_url(engine))
             for n, max_batch in [(1, 4), (2, 4), (4, 4), (1, 1)]:
-                p_gateway, *p_workers = stack.ports(1 + n)
+                p_gateway, *p_workers = free_ports(1 + n)
                 threads = max(1, cores // n)
                 workers = [stack.sdxl_worker(TINY_SDXL, p, self.logs, f"pool-worker-{i}", threads, max_batch)
                            for i, p in enumerate(p_workers)]
@@ -220,13 +221,13 @@ class Bench:
     def small(self) -> None:
         """Baseline and engine on the larger checkpoint, one image per request, at the ends of the sweep."""
         out: dict = {"spec": SMALL_SPEC}
-        port, = stack.ports(1)
+        port, = free_ports(1)
         with stack.running([stack.baseline(SMALL, port, self.logs)]) as (child,):
             base = stack.base_url(child)
             s = self.scenario("image", _model_id(base))
             self.warm(base, s)
             out["baseline"] = [self.closed(base, s, c, "baseline", requests=r) for c, r in ((1, 8), (32, 64))]
-        port, = stack.ports(1)
+        port, = free_ports(1)
         with stack.running([stack.engine(SMALL, port, self.logs, name="engine-small", extra=self.args.engine_arg)]) as (child,):
             base = stack.base_url(child)
             s = self.scenario("image", _model_id(base))
@@ -235,7 +236,7 @@ class Bench:
         self.data["small"] = out
 
     def hd(self) -> None:
-        p_engine, p_gateway = stack.ports(2)
+        p_engine, p_gateway = free_ports(2)
         engine = stack.engine(TINY_HD, p_engine, self.logs, name="engine-hd", extra=self.args.engine_arg)
         gateway = stack.gateway(p_gateway, [stack.base_url(engine)], [], self.logs, name="gateway-hd")
         with stack.running([engine, gateway]):

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from server.procs import Child, free_ports, http_ok, stop_children
+from server.procs import Child, stop_children
 
 #: The engine's vLLM flags for the benchmarks: room for 64 concurrent sequences with one image each.
 ENGINE_ARGS = ("--max-model-len", "512", "--max-num-seqs", "64", "--limit-mm-per-prompt", '{"image": 1}')
@@ -25,24 +24,6 @@ def ensure_tiny(path: Path) -> Path:
     return path
 
 
-def start_engine(model: Path, port: int, log: Path, extra: Sequence[str] = ()) -> subprocess.Popen:
-    """`mgm engine` with the benchmark flags (``extra`` after them wins) as a bare process in its own session (for
-    tests that kill it)."""
-    cmd = _mgm("engine", "--model", str(model), "--host", "127.0.0.1", "--port", str(port), *ENGINE_ARGS, *extra)
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_engine_ready(proc: subprocess.Popen, base: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"engine exited with {proc.returncode} before it was ready")
-        if http_ok(f"{base}/health"):
-            return
-        time.sleep(1)
-    raise TimeoutError(f"engine not ready after {timeout:.0f} s")
-
-
 def _env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -52,6 +33,7 @@ def _mgm(*args: str) -> list[str]:
 
 
 def engine(model: Path, port: int, logs: Path, name: str = "engine", extra: Sequence[str] = ()) -> Child:
+    """`mgm engine` with the benchmark flags (``extra`` after them wins)."""
     return Child(name, _mgm("engine", "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
                             *ENGINE_ARGS, *extra), logs / f"{name}.log", ready_url=f"http://127.0.0.1:{port}/health")
 
@@ -96,17 +78,18 @@ def wait_ready(children: Sequence[Child], timeout: float = 600) -> None:
         time.sleep(0.5)
 
 
+def launch(children: Sequence[Child], timeout: float = 600) -> None:
+    """Start ``children`` (in order) and wait until all are ready."""
+    for c in children:
+        c.start(env=_env())
+    wait_ready(children, timeout)
+
+
 @contextlib.contextmanager
 def running(children: Sequence[Child], timeout: float = 600) -> Iterator[list[Child]]:
-    """Start ``children`` (in order), wait until all are ready, stop them all on exit."""
+    """:func:`launch` ``children``, stop them all on exit."""
     try:
-        for c in children:
-            c.start(env=_env())
-        wait_ready(children, timeout)
+        launch(children, timeout)
         yield list(children)
     finally:
         stop_children(children, timeout=30)
-
-
-def ports(n: int) -> list[int]:
-    return free_ports(n)

@@ -24,9 +24,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtests.stack import start_engine, wait_engine_ready
+from loadtests import stack
 from server.gateway.config import GatewayConfig
-from server.procs import free_port
+from server.procs import Child, free_port, kill_children, stop_children
 
 #: A request that keeps the tiny engine busy for seconds even on an idle machine (4 sequences of 450 tokens with
 #: their top-20 logprobs: ~2 s on 2 idle CPU cores, more under load) (less with the engine bound to one core).
@@ -66,32 +66,24 @@ class SpareEngine:
     def __init__(self, model: Path, log_dir: Path) -> None:
         self.model, self.log_dir, self.port = model, log_dir, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
+        self.child: Child | None = None
         self.starts = 0
 
     def start(self) -> float:
         self.starts += 1
-        log = self.log_dir / f"spare-engine-{self.starts}.log"
         t0 = time.monotonic()
-        self.proc = start_engine(self.model, self.port, log, extra=SPARE_ARGS)
-        try:
-            wait_engine_ready(self.proc, self.url, timeout=240)
-        except (RuntimeError, TimeoutError) as exc:
-            raise AssertionError(f"{exc}\n{log.read_text()[-3000:]}") from None
+        self.child = stack.engine(self.model, self.port, self.log_dir, f"spare-engine-{self.starts}", SPARE_ARGS)
+        stack.launch([self.child], timeout=240)
         return time.monotonic() - t0
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
+        if self.child is not None and self.child.poll() is None:
+            kill_children([self.child])
+            self.child.proc.wait(30)  # type: ignore[union-attr]
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        if self.child is not None:
+            stop_children([self.child], timeout=30)
 
 
 @pytest.fixture(scope="module")
