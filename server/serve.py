@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from server.gateway.cli import csv_list
 from server.procs import Child, chat_curl, free_ports, kill_children, stop_children
 
 logger = logging.getLogger("mgm.serve")
@@ -33,10 +34,6 @@ Env = Callable[[str, str], str]
 READY_PREFIX = "mgm serve: ready at "
 #: vLLM arguments used with the default tiny checkpoint when none are given.
 TINY_VLLM_ARGS = ["--max-model-len", "2048", "--limit-mm-per-prompt", '{"image": 4}']
-
-
-def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
 
 
 def add_serve(sub: argparse._SubParsersAction, common: argparse.ArgumentParser, env: Env) -> None:
@@ -253,7 +250,7 @@ def _serve(args: argparse.Namespace, cache: Path, logs: Path, stop: _Stop) -> in
             if not any(a == flag or a.startswith(flag + "=") for a in extra):
                 extra += [flag, value]
 
-    keys = args.api_key or _csv(os.environ.get("MGM_API_KEYS", ""))
+    keys = args.api_key or csv_list(os.environ.get("MGM_API_KEYS", ""))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("MGM_API_KEYS", None)
     children = plan_children(args, model, image_model, extra, logs)

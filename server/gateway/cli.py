@@ -11,7 +11,8 @@ from collections.abc import Callable
 logger = logging.getLogger("mgm.gateway")
 
 
-def _csv(value: str) -> list[str]:
+def csv_list(value: str) -> list[str]:
+    """"a, b,,c" → ["a", "b", "c"] (list flags' environment variables)."""
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
@@ -39,7 +40,7 @@ def add_gateway(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
                    help="image jobs waiting in the gateway for a worker; beyond that 429")
     p.add_argument("--image-url-ttl", type=float, default=env("MGM_IMAGE_URL_TTL", "3600"),
                    help="seconds a response_format=url image stays downloadable")
-    p.add_argument("--allowed-image-domains", type=_csv, default=env("MGM_ALLOWED_IMAGE_DOMAINS", ""),
+    p.add_argument("--allowed-image-domains", type=csv_list, default=env("MGM_ALLOWED_IMAGE_DOMAINS", ""),
                    help="comma-separated host names (and subdomains) image URLs may point to; empty = any public host")
     p.add_argument("--max-image-bytes", type=int, default=env("MGM_MAX_IMAGE_BYTES", str(20 * 1024 * 1024)))
     p.add_argument("--max-image-pixels", type=int, default=env("MGM_MAX_IMAGE_PIXELS", "40000000"))
@@ -71,10 +72,10 @@ def run_gateway(args: argparse.Namespace) -> int:
     from server.gateway.app import create_app
     from server.gateway.config import GatewayConfig, ImagePolicy
 
-    engines = args.engine or _csv(os.environ.get("MGM_ENGINES", ""))
-    keys = args.api_key or _csv(os.environ.get("MGM_API_KEYS", ""))
-    workers = args.sdxl_worker or _csv(os.environ.get("MGM_SDXL_WORKERS", ""))
-    domains = args.allowed_image_domains if isinstance(args.allowed_image_domains, list) else _csv(
+    engines = args.engine or csv_list(os.environ.get("MGM_ENGINES", ""))
+    keys = args.api_key or csv_list(os.environ.get("MGM_API_KEYS", ""))
+    workers = args.sdxl_worker or csv_list(os.environ.get("MGM_SDXL_WORKERS", ""))
+    domains = args.allowed_image_domains if isinstance(args.allowed_image_domains, list) else csv_list(
         args.allowed_image_domains)
     try:
         config = GatewayConfig(
