@@ -358,6 +358,8 @@ class Gateway:
             data = line[5:].strip()
             if data == b"[DONE]":
                 return event
+            if state["first"] is not None and b'"usage"' not in data:  # the common token chunk: nothing to inspect
+                return event
             try:
                 chunk = json.loads(data)
             except ValueError:
