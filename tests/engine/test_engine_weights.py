@@ -21,7 +21,7 @@ from engine.tiny import build_tiny
 @pytest.fixture(scope="module")
 def model_worker():
     """One spawned process with a private one-rank 'distributed' world (see vllm_inprocess.py)."""
-    from vllm_inprocess import init_worker
+    from support.vllm_inprocess import init_worker
 
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker) as pool:
         yield pool
@@ -46,7 +46,7 @@ def corrupt(src: Path, dst: Path, edit) -> Path:  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize(("backbone", "hd"), [("llama", False), ("llama", True), ("gemma", False), ("mixtral", False)])
 def test_vision_path_matches_float64_reference(model_worker, tiny_checkpoint, backbone, hd):
     from loadtests.baselines.mgm_hf import MGMReference
-    from vllm_inprocess import image_features
+    from support.vllm_inprocess import image_features
 
     path = tiny_checkpoint(backbone, hd)
     images = [noise(1), noise(2, (30, 90)), Image.new("RGB", (64, 64), (250, 250, 250))]
@@ -61,7 +61,7 @@ def test_vision_path_matches_float64_reference(model_worker, tiny_checkpoint, ba
 
 
 def test_legacy_names_load(model_worker, tmp_path):
-    from vllm_inprocess import load_error
+    from support.vllm_inprocess import load_error
 
     for backbone in ("llama", "gemma", "mixtral"):
         path = build_tiny(tmp_path / backbone, backbone=backbone, legacy_names=True)  # type: ignore[arg-type]
@@ -111,7 +111,7 @@ CORRUPTIONS = {
 
 @pytest.mark.parametrize("case", list(CORRUPTIONS))
 def test_corrupted_checkpoint_names_the_key(model_worker, tiny_checkpoint, tmp_path, case):
-    from vllm_inprocess import load_error
+    from support.vllm_inprocess import load_error
 
     edit, pattern = CORRUPTIONS[case]
     path = corrupt(tiny_checkpoint("llama"), tmp_path / case, edit)
@@ -124,7 +124,7 @@ def test_gemma_lm_head_tying(model_worker, tiny_checkpoint, tmp_path):
     """mgm.md §5.2: MGM-2B stores an lm_head although Gemma ties it. The stored tensor decides, as in vLLM 0.32 and
     transformers 5: an equal copy is tied again, a different one is used as the head (vLLM warns), an untied
     config loads it, and a tied config may omit it."""
-    from vllm_inprocess import lm_head_report
+    from support.vllm_inprocess import lm_head_report
 
     src = tiny_checkpoint("gemma")
     stored = load_file(src / "model.safetensors")

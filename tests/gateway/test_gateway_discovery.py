@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
-from live import uvicorn_thread
+from support.live import uvicorn_thread
 
 from server.gateway.config import GatewayConfig
 from server.gateway.discovery import BackendDiscovery, discoverable, reconcile, with_address

@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from live import uvicorn_thread
+from support.live import uvicorn_thread
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

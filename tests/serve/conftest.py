@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
-from serve_live import ALIAS, API_KEY, VLLM_ARGS, Serve, start_serve
+from support.serve_live import ALIAS, API_KEY, VLLM_ARGS, Serve, start_serve
 
 from server.procs import free_port
 from server.serve import READY_PREFIX

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
-from serve_live import ALIAS, API_KEY, REPO
+from support.serve_live import ALIAS, API_KEY, REPO
 
 CHROMIUM = os.environ.get("MGM_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("MGM_TEST_ARTIFACTS") or REPO / ".cache" / "test-artifacts") / "playground"

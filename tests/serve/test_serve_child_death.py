@@ -7,7 +7,7 @@ import os
 import signal
 import time
 
-from serve_live import VLLM_ARGS, leftovers, start_serve
+from support.serve_live import VLLM_ARGS, leftovers, start_serve
 
 from server.procs import free_port, group_members
 

@@ -11,7 +11,7 @@ import time
 import httpx
 import openai
 import pytest
-from serve_live import ALIAS, API_KEY, Serve, leftovers
+from support.serve_live import ALIAS, API_KEY, Serve, leftovers
 
 from server.procs import png_data_url
 from server.serve import READY_PREFIX

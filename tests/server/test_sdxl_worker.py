@@ -17,7 +17,7 @@ import httpx
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from sdxl_live import SLOW, SMALL, assert_error, generate, metric, png, wait_for
+from support.sdxl_live import SLOW, SMALL, assert_error, generate, metric, png, wait_for
 from server.sdxl.pipeline import OFFICIAL_NEGATIVE_PROMPT
 
 BLOCKER = {**SLOW, "prompt": "blocker"}

@@ -15,9 +15,9 @@ import time
 
 import httpx
 import pytest
-from live import uvicorn_thread
+from support.live import uvicorn_thread
 import torch
-from sdxl_live import SLOW, SMALL, assert_error, metric, wait_for
+from support.sdxl_live import SLOW, SMALL, assert_error, metric, wait_for
 
 from server.procs import free_port
 from server.sdxl.pipeline import SDXLRunner

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from live import http_server
+from support.live import http_server
 from reliability_cases import PNG
 from reliability_table import FAULTS_JSON
 

@@ -1,5 +1,5 @@
 """Live servers in a thread of the test process, on loopback: an ASGI app under a real uvicorn, or a plain
-``http.server`` handler. (tests/ is on sys.path through its conftest, so every test directory imports this.)"""
+``http.server`` handler."""
 
 from __future__ import annotations
 
