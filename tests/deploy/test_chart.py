@@ -186,6 +186,9 @@ def test_selectors_match_their_pods(rendered: dict[str, Rendered], scenario: str
 
 # --- probes, drain ---------------------------------------------------------------------------------------------------
 
+#: The flag through which each role gets its drainSeconds.
+DRAIN_FLAGS = {"gateway": "--drain-timeout", "engine": "--shutdown-timeout", "sdxl-worker": "--shutdown-timeout"}
+
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_probes_and_drain(rendered: dict[str, Rendered], scenario: str) -> None:
@@ -205,9 +208,18 @@ def test_probes_and_drain(rendered: dict[str, Rendered], scenario: str) -> None:
         pod = d["spec"]["template"]["spec"]
         sleep = c["lifecycle"]["preStop"]["exec"]["command"]
         assert sleep[0] == "sleep" and int(sleep[1]) > 0
-        drain = {"gateway": "--drain-timeout", "sdxl-worker": "--shutdown-timeout"}.get(component)
-        drain_s = float(c["args"][c["args"].index(drain) + 1]) if drain else 120.0
+        drain_s = float(c["args"][c["args"].index(DRAIN_FLAGS[component]) + 1])
         assert pod["terminationGracePeriodSeconds"] > int(sleep[1]) + drain_s, component
+
+
+def test_drain_seconds_drive_each_role() -> None:
+    """`<role>.drainSeconds` reaches the process that drains (vLLM's --shutdown-timeout for the engines)."""
+    values = {key: {"drainSeconds": 7} for key in ("gateway", "engine", "sdxlWorker")}
+    values["sdxlWorker"]["enabled"] = True
+    r = render(values)
+    for component, flag in DRAIN_FLAGS.items():
+        args = _container(r.get("Deployment", component))["args"]
+        assert args[args.index(flag) + 1] == "7", component
 
 
 def test_34b_engine_gets_a_longer_startup(rendered: dict[str, Rendered]) -> None:
@@ -481,6 +493,7 @@ BAD_VALUES = {
                              "/containerSecurityContext/allowPrivilegeEscalation"),
     "GPU utilisation > 1": ("engine: {gpuMemoryUtilization: 1.5}", "/engine/gpuMemoryUtilization"),
     "KEDA scaling to zero": ("engine: {keda: {enabled: true, minReplicas: 0}}", "/engine/keda/minReplicas"),
+    "SDXL worker without a queue": ("sdxlWorker: {maxQueue: 0}", "/sdxlWorker/maxQueue"),
     "unknown top-level key": ("engines: {replicas: 2}", "engines"),
 }
 
