@@ -13,7 +13,7 @@ import asyncio
 import collections
 from collections.abc import Callable
 
-from server.gateway.errors import APIError
+from server.errors import APIError
 
 
 class Admission:

@@ -46,7 +46,7 @@ class BackendPool(Generic[B]):
         self._discover_task: asyncio.Task[None] | None = None
         if discover_interval_s > 0:
             if resolve is None:
-                from server.gateway.images import system_resolver as resolve
+                from server.gateway.image_fetch import system_resolver as resolve
             self._discovery = BackendDiscovery(urls, resolve)
             self.backends = []  # filled by the first refresh()
 

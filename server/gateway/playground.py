@@ -21,9 +21,6 @@ from fastapi.responses import Response
 
 STATIC = Path(__file__).with_name("static")
 
-#: Routes for the metrics' ``route`` label (app.ROUTES includes them).
-ROUTES = ("/", "/playground.css", "/playground.js")
-
 _CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
         "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 _SECURITY = {"x-content-type-options": "nosniff", "referrer-policy": "no-referrer"}
@@ -82,8 +79,3 @@ def create_router(static: Path = STATIC) -> APIRouter:
     for path in ("/playground.css", "/playground.js"):
         static_route(path)
     return router
-
-
-def page_sizes(static: Path = STATIC) -> dict[str, tuple[int, int]]:
-    """Route → (bytes, gzipped bytes): what a first visit downloads."""
-    return {path: (len(a.body), len(a.gzipped)) for path, a in load_assets(static).items()}

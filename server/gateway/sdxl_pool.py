@@ -13,8 +13,8 @@
 * **Splitting**: a request for more images than a worker's ``max_batch`` (learnt from its ``/ready``) becomes
   several jobs run concurrently; with a ``seed``, job k starts at ``seed + (images before it)`` so image i always
   gets seed ``seed + i`` (the worker seeds image j of a job with ``seed + j``).
-* **Cancellation**: :func:`run_while_connected` cancels the generation when the client disconnects; cancelling the
-  upstream httpx request closes its connection, which the worker notices and drops the job.
+* **Cancellation**: a cancelled job (the client hung up: :mod:`server.gateway.cancellation`) cancels its upstream
+  httpx request, which closes its connection; the worker notices and drops the job.
 * **Discovery**: with ``discover_interval_s > 0`` a worker URL whose host is a DNS name (a headless Service) stands
   for every address it resolves to, re-resolved that often (:mod:`server.gateway.discovery`): new workers are
   probed and join, vanished ones leave (jobs already on them finish).
@@ -29,22 +29,20 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
-from fastapi import Request
 
+from server.errors import APIError, normalize_upstream
 from server.gateway.backends import Backend, BackendPool
+from server.gateway.cancellation import gather_or_cancel
 from server.gateway.discovery import Resolve
-from server.gateway.errors import APIError, normalize_upstream
 from server.gateway.metrics import GatewayMetrics
 
 logger = logging.getLogger("mgm.gateway.sdxl")
 
 _RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
-T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -236,35 +234,3 @@ class SDXLPool(BackendPool[SDXLWorker]):
             return await jobs[0]
         results = await gather_or_cancel(jobs)
         return [item for items in results for item in items]
-
-
-async def gather_or_cancel(aws: list[Awaitable[T]]) -> list[T]:
-    """``asyncio.gather``, but the first failure (or our own cancellation) cancels the others, so no upstream
-    request outlives the caller."""
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def run_while_connected(request: Request, work: Awaitable[T], poll_s: float = 0.1) -> T:
-    """Await ``work``, cancelling it (and so closing its upstream requests) when the client disconnects."""
-    task = asyncio.ensure_future(work)
-    try:
-        while True:  # ends with the task or the client
-            done, _ = await asyncio.wait({task}, timeout=poll_s)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-                raise APIError(499, "The client closed the request.", code="client_closed")
-    finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task

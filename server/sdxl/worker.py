@@ -33,14 +33,15 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.errors import APIError
+from server.errors import install as install_error_handlers
 from server.sdxl.batching import BatchKey, JobQueue, QueueClosed, QueueFull
+from server.sdxl.config import WorkerConfig
 from server.sdxl.pipeline import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
@@ -59,39 +60,6 @@ _MAX_RETRY_AFTER_S = 60  # the OpenAI SDK ignores longer hints
 
 
 # --- configuration and request model ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    model: Path
-    model_name: str | None = None  # reported in responses; default: the model directory's name
-    device: str = "auto"
-    dtype: str = "auto"
-    attention: str = "auto"
-    variant: str | None = None
-    vae_slicing: bool = True
-    threads: int | None = None
-    max_batch: int = 4  # images per pipeline call; also the largest n one request may ask for
-    max_queue: int = 64  # waiting jobs; beyond that → 429
-    batch_wait_s: float = 0.02  # how long a free worker waits for companions of a lone job
-    job_timeout_s: float = 600.0
-    warmup_steps: int = 2  # 0 disables the warm-up generation
-    min_side: int = 64
-    max_side: int = 2048
-    max_steps: int = 200
-
-    def pipeline_options(self) -> PipelineOptions:
-        return PipelineOptions(model=self.model, device=self.device, dtype=self.dtype, attention=self.attention,
-                               variant=self.variant, vae_slicing=self.vae_slicing, threads=self.threads)
-
-    def validate(self) -> None:
-        for name in ("max_batch", "max_queue", "min_side", "max_side", "max_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.min_side % 8 or self.max_side % 8 or self.min_side > self.max_side:
-            raise ValueError("min_side/max_side must be multiples of 8 with min_side <= max_side")
-        if self.batch_wait_s < 0 or self.job_timeout_s <= 0 or self.warmup_steps < 0:
-            raise ValueError("batch_wait_s and warmup_steps must be >= 0, job_timeout_s > 0")
 
 
 class GenerateRequest(BaseModel):
@@ -122,32 +90,8 @@ class GenerateRequest(BaseModel):
 # --- errors ----------------------------------------------------------------------------------------------------------
 
 
-def error_response(status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def _validation_error(exc: RequestValidationError) -> JSONResponse:
-    err = exc.errors()[0]
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-    kind = err.get("type", "")
-    param = ".".join(loc) or None
-    if kind == "json_invalid":
-        return error_response(400, "We could not parse the JSON body of your request.", code="invalid_json")
-    if param is None:
-        return error_response(400, "The request body must be a JSON object.", code="invalid_body")
-    if kind == "missing":
-        return error_response(400, f"Missing required parameter: '{param}'.", param=param,
-                              code="missing_required_parameter")
-    if kind == "extra_forbidden":
-        return error_response(400, f"Unrecognized request argument supplied: '{param}'.", param=param,
-                              code="unknown_parameter")
-    if kind.endswith("_type") or kind.endswith("_parsing"):
-        return error_response(400, f"Invalid type for '{param}': {err.get('msg', '')}.", param=param,
-                              code="invalid_type")
-    msg = str(err.get("msg", "")).removeprefix("Value error, ")
-    return error_response(400, f"Invalid value for '{param}': {msg}.", param=param, code="invalid_value")
+def _error(status: int, message: str, **fields: Any) -> JSONResponse:
+    return APIError(status, message, **fields).response()
 
 
 def _check_limits(req: GenerateRequest, config: WorkerConfig) -> JSONResponse | None:
@@ -155,13 +99,13 @@ def _check_limits(req: GenerateRequest, config: WorkerConfig) -> JSONResponse | 
     for name in ("width", "height"):
         v = getattr(req, name)
         if v is not None and not config.min_side <= v <= config.max_side:
-            return error_response(400, f"Invalid value for '{name}': must be between {config.min_side} and "
+            return _error(400, f"Invalid value for '{name}': must be between {config.min_side} and "
                                   f"{config.max_side}.", param=name, code="invalid_value")
     if req.num_inference_steps > config.max_steps:
-        return error_response(400, f"Invalid value for 'num_inference_steps': at most {config.max_steps}.",
+        return _error(400, f"Invalid value for 'num_inference_steps': at most {config.max_steps}.",
                               param="num_inference_steps", code="invalid_value")
     if req.n > config.max_batch:
-        return error_response(400, f"Invalid value for 'n': at most {config.max_batch} images per request on this "
+        return _error(400, f"Invalid value for 'n': at most {config.max_batch} images per request on this "
                               "worker.", param="n", code="invalid_value")
     return None
 
@@ -441,15 +385,7 @@ def create_app(config: WorkerConfig, runner_factory: Callable[[PipelineOptions],
     app = FastAPI(title="MGM SDXL worker", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.worker = worker
 
-    @app.exception_handler(RequestValidationError)
-    async def _on_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        worker.count("invalid")
-        return _validation_error(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _on_http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return error_response(exc.status_code, str(exc.detail), code=code)
+    install_error_handlers(app, on_validation_error=lambda: worker.count("invalid"))
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -459,7 +395,7 @@ def create_app(config: WorkerConfig, runner_factory: Callable[[PipelineOptions],
     @app.get("/ready")
     async def ready() -> JSONResponse:
         if not worker.ready:
-            return error_response(503, f"SDXL worker is not ready (state: {worker.state}).", type_="server_error",
+            return _error(503, f"SDXL worker is not ready (state: {worker.state}).", type_="server_error",
                                   code="not_ready", headers={"retry-after": "1"})
         return JSONResponse({"status": "ready", "model": worker.model_name, "queue_depth": len(worker.queue),
                              "max_batch": config.max_batch, "max_queue": config.max_queue, **worker.info})
@@ -476,7 +412,7 @@ def create_app(config: WorkerConfig, runner_factory: Callable[[PipelineOptions],
             return bad
         if not worker.ready:
             worker.count("unavailable")
-            return error_response(503, f"SDXL worker is not ready (state: {worker.state}).", type_="server_error",
+            return _error(503, f"SDXL worker is not ready (state: {worker.state}).", type_="server_error",
                                   code="not_ready", headers={"retry-after": str(worker.retry_after())})
         width = req.width or worker.default_size
         height = req.height or worker.default_size
@@ -489,12 +425,12 @@ def create_app(config: WorkerConfig, runner_factory: Callable[[PipelineOptions],
             worker.submit(job)
         except QueueFull:
             worker.count("rejected")
-            return error_response(429, f"The SDXL queue is full ({config.max_queue} jobs waiting); retry later.",
+            return _error(429, f"The SDXL queue is full ({config.max_queue} jobs waiting); retry later.",
                                   type_="rate_limit_error", code="queue_full",
                                   headers={"retry-after": str(worker.retry_after())})
         except QueueClosed:
             worker.count("unavailable")
-            return error_response(503, "The SDXL worker is shutting down.", type_="server_error",
+            return _error(503, "The SDXL worker is shutting down.", type_="server_error",
                                   code="shutting_down", headers={"retry-after": "1"})
         logger.debug("job queued", extra={"fields": {"job": job.id, "n": job.n, "key": job.key}})
 
@@ -512,7 +448,7 @@ def create_app(config: WorkerConfig, runner_factory: Callable[[PipelineOptions],
                     return Response(status_code=499)  # nobody reads it; the client is gone
                 if time.monotonic() > deadline:
                     worker.cancel(job, "timeout")
-                    return error_response(504, f"Generation did not finish within {config.job_timeout_s:g} s.",
+                    return _error(504, f"Generation did not finish within {config.job_timeout_s:g} s.",
                                           type_="server_error", code="timeout")
         except asyncio.CancelledError:  # server shutting down under us
             worker.cancel(job, "shutdown")
@@ -521,10 +457,10 @@ def create_app(config: WorkerConfig, runner_factory: Callable[[PipelineOptions],
             result = waiter.result()
         except JobCancelled as exc:
             status, code = (503, "shutting_down") if str(exc) == "shutdown" else (499, "cancelled")
-            return error_response(status, f"Generation was cancelled ({exc}).", type_="server_error", code=code)
+            return _error(status, f"Generation was cancelled ({exc}).", type_="server_error", code=code)
         except JobFailed as exc:
             code = "shutting_down" if worker.state == "stopping" else "generation_failed"
-            return error_response(503 if code == "shutting_down" else 500, f"Generation failed: {exc}",
+            return _error(503 if code == "shutting_down" else 500, f"Generation failed: {exc}",
                                   type_="server_error", code=code)
 
         png_start = time.monotonic()

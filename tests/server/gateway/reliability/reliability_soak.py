@@ -1,6 +1,6 @@
 """Soak test (opt-in: ``make soak``): the whole stack on loopback under a bounded loop of mixed traffic.
 
-    .venv/bin/python tests/gateway/reliability/reliability_soak.py [--seconds 180] [--concurrency 8] [--no-doc]
+    .venv/bin/python tests/server/gateway/reliability/reliability_soak.py [--seconds 180] [--concurrency 8] [--no-doc]
 
 Starts one `mgm engine` (tiny checkpoint, .cache/tiny-mgm), one `mgm sdxl-worker` (tiny pipeline, .cache/tiny-sdxl)
 and `mgm gateway` (loopback image URLs allowed, for a local file server), then for ``--seconds`` (at most 600) keeps

@@ -3,7 +3,7 @@ left 503 + /ready false; recovery when it is back, same gateway), an SDXL worker
 retried on the other worker; the pool takes the worker back when it returns), a client hanging up (the engine
 aborts the request: vLLM's own metrics), and SIGTERM to `mgm gateway` (drains in-flight requests, exits 0).
 
-The session engine (tests/gateway/conftest.py) is the survivor; one extra `mgm engine` on the same tiny checkpoint
+The session engine (tests/server/gateway/conftest.py) is the survivor; one extra `mgm engine` on the same tiny checkpoint
 is the one that gets killed and restarted on the same port."""
 
 from __future__ import annotations

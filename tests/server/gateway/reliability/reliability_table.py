@@ -4,7 +4,7 @@
 * ``faults``: the outcomes the fault and overload tests measured in their last run
   (``.cache/reliability/faults.json``, written by those tests), when that file exists.
 
-    .venv/bin/python tests/gateway/reliability/reliability_table.py [--doc RELIABILITY.md]
+    .venv/bin/python tests/server/gateway/reliability/reliability_table.py [--doc RELIABILITY.md]
 
 Each section sits between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``; the rest of the file is left alone.
 """
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from
 
 from reliability_cases import CASES, Case  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[4]
 FAULTS_JSON = ROOT / ".cache" / "reliability" / "faults.json"
 
 

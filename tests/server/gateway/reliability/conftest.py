@@ -1,4 +1,4 @@
-"""Reliability fixtures (on top of tests/gateway/conftest.py: the session engine, SDXL workers, ``gateway_server``):
+"""Reliability fixtures (on top of tests/server/gateway/conftest.py: the session engine, SDXL workers, ``gateway_server``):
 a loopback file server with hostile routes, and a resolver for the ``*.reliability.test`` names."""
 
 from __future__ import annotations

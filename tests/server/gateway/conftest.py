@@ -171,7 +171,7 @@ def _start_sdxl_worker(model: Path, log: Path) -> SDXLWorkerProc:
     cmd = [sys.executable, "-m", "server", "sdxl-worker", "--model", str(model), "--host", "127.0.0.1", "--port",
            str(port), *SDXL_FLAGS]
     with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[3],
                                 env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
     return SDXLWorkerProc(f"http://127.0.0.1:{port}", proc, log)
 

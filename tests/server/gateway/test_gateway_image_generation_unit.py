@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from server.gateway.generation import (
-    GEN_SUFFIX,
-    ImageOptions,
-    ImageStore,
-    add_gen_suffix,
-    extract_caption,
-    parse_size,
-)
+from engine.names import GEN_SUFFIX
+from server.gateway.any_to_any import add_gen_suffix
+from server.gateway.image_generation import extract_caption, parse_size
+from server.gateway.image_store import ImageStore
+from server.gateway.protocol import ImageOptions
 
 
 def _official(text: str) -> str | None:
@@ -80,7 +77,7 @@ def test_image_store_is_bounded_and_expires(monkeypatch):
     assert store.get(a) is None and store.get(b) == b"b" * 10 and len(store) == 2  # oldest evicted
     d, _ = store.put(b"d" * 95)
     assert store.get(c) is None and store.get(d) is not None  # byte cap
-    import server.gateway.generation as gen
+    import server.gateway.image_store as gen
 
     now = gen.time.monotonic()
     monkeypatch.setattr(gen.time, "monotonic", lambda: now + 11)

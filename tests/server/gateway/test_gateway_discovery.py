@@ -20,7 +20,7 @@ from support.live import uvicorn_thread
 
 from server.gateway.config import GatewayConfig
 from server.gateway.discovery import BackendDiscovery, discoverable, reconcile, with_address
-from server.gateway.routing import Engine
+from server.gateway.engine_pool import Engine
 
 # --- unit: URL handling and resolution rules --------------------------------------------------------------------------
 

@@ -227,7 +227,7 @@ def test_cli_config_errors(capsys, monkeypatch):
 
 
 def test_pick_least_in_flight():
-    from server.gateway.routing import EnginePool
+    from server.gateway.engine_pool import EnginePool
 
     pool = EnginePool(("http://a", "http://b", "http://c"), client=None)  # type: ignore[arg-type]
     a, b, c = pool.engines

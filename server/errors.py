@@ -1,7 +1,10 @@
-"""Errors in the OpenAI shape ``{"error": {"message", "type", "param", "code"}}`` for every failure path."""
+"""Errors in the OpenAI shape ``{"error": {"message", "type", "param", "code"}}`` for every failure path of the
+gateway and of the SDXL worker (docs/api.md, "Errors")."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import Request
@@ -9,17 +12,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+logger = logging.getLogger("mgm.errors")
+
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
           422: "invalid_request_error", 429: "rate_limit_error"}
 
 
-class APIError(Exception):
-    """Raised anywhere in a handler; rendered as an OpenAI error response."""
+class APIError(StarletteHTTPException):
+    """Raised anywhere in a handler (or in a middleware's ``receive``); rendered as an OpenAI error response.
+
+    It is an HTTPException so that FastAPI passes it through unchanged when it surfaces while the body is read (the
+    body cap raises it there) instead of turning it into a generic 400."""
 
     def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
                  type_: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
+        super().__init__(status, message, headers)
         self.status, self.message, self.code, self.param = status, message, code, param
         self.type = type_ or _TYPES.get(status, "server_error")
         self.headers = headers
@@ -29,6 +37,9 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+    def __str__(self) -> str:
+        return self.message
 
 
 _UNION_LABELS = {"str", "int", "float", "bool", "dict", "list", "none"}
@@ -57,7 +68,7 @@ def validation_error(exc: RequestValidationError | list[Any]) -> APIError:
                ) if errors else {}
     kind = str(err.get("type", ""))
     param = _param(err.get("loc", ()))
-    if kind == "json_invalid":
+    if kind == "json_invalid" or (kind == "missing" and param is None):  # malformed or empty body
         return APIError(400, "We could not parse the JSON body of your request.", code="invalid_json")
     if param is None and kind in ("model_type", "dict_type", "model_attributes_type"):
         return APIError(400, "The request body must be a JSON object.", code="invalid_body")
@@ -66,6 +77,9 @@ def validation_error(exc: RequestValidationError | list[Any]) -> APIError:
         return APIError(400, f"Invalid request: {msg}.", code="invalid_value")
     if kind == "missing":
         return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    if kind == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: '{param}'.", param=param,
+                        code="unknown_parameter")
     if kind.endswith("_type") or kind.endswith("_parsing") or kind.startswith("union_tag"):
         return APIError(400, f"Invalid type for '{param}': {err.get('msg', '')}.", param=param, code="invalid_type")
     msg = str(err.get("msg", "")).removeprefix("Value error, ")
@@ -94,8 +108,9 @@ def normalize_upstream(status: int, payload: Any) -> APIError:
     return APIError(status, f"engine returned HTTP {status}", code="engine_error")
 
 
-def install(app: Any) -> None:
-    """Exception handlers: our APIError, FastAPI validation errors, 404/405 and any other HTTP exception."""
+def install(app: Any, on_validation_error: Callable[[], None] = lambda: None) -> None:
+    """Exception handlers: our APIError, FastAPI validation errors (``on_validation_error`` hears each), 404/405 and
+    any other HTTP exception, and a last-resort 500 that never shows internals."""
 
     @app.exception_handler(APIError)
     async def _api(_request: Request, exc: APIError) -> JSONResponse:
@@ -103,6 +118,7 @@ def install(app: Any) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        on_validation_error()
         return validation_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
@@ -110,3 +126,8 @@ def install(app: Any) -> None:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return APIError(exc.status_code, str(exc.detail), code=code,
                         headers=dict(exc.headers) if exc.headers else None).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        logger.error("unhandled error", exc_info=exc)
+        return APIError(500, "The server hit an internal error.", type_="server_error", code="internal_error").response()

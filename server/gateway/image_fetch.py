@@ -27,12 +27,14 @@ import socket
 import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import httpx
 
+from server.errors import APIError
 from server.gateway.config import ImagePolicy
-from server.gateway.errors import APIError
+from server.gateway.metrics import GatewayMetrics
 
 logger = logging.getLogger("mgm.gateway.images")
 
@@ -233,3 +235,37 @@ async def fetch_image(url: str, policy: ImagePolicy, resolver: Resolver = system
         raise APIError(400, f"Could not fetch the image: {type(exc).__name__}.", code="image_fetch_failed") from None
     mime = _inspect(data, policy)
     return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
+
+
+async def inline_images(body: dict[str, Any], policy: ImagePolicy, resolver: Resolver, metrics: GatewayMetrics) -> None:
+    """Check every ``data:`` image URL in a chat ``body`` and replace every http(s) one by a data URL fetched under
+    ``policy`` (all fetches at once); errors name the part (``messages[i].content[j].image_url.url``)."""
+    parts = [(part["image_url"], f"messages[{i}].content[{j}].image_url.url")
+             for i, message in enumerate(body["messages"]) if isinstance(message.get("content"), list)
+             for j, part in enumerate(message["content"]) if part.get("type") == "image_url"]
+    if len(parts) > policy.max_images_per_request:  # before any image is looked at
+        raise APIError(400, f"At most {policy.max_images_per_request} images per request.", param="messages",
+                       code="too_many_images")
+    jobs: list[tuple[dict[str, Any], str, str]] = []
+    for holder, param in parts:
+        url = holder["url"]
+        if url[:5].lower() != "data:":
+            jobs.append((holder, url, param))
+            continue
+        try:
+            if len(url) > 256 * 1024:  # base64 decoding of a large image would stall the event loop
+                await asyncio.to_thread(check_data_url, url, policy)
+            else:
+                check_data_url(url, policy)
+        except APIError as exc:
+            exc.param = param
+            raise
+    results = await asyncio.gather(*(fetch_image(url, policy, resolver) for _, url, _ in jobs), return_exceptions=True)
+    for (holder, _url, param), result in zip(jobs, results):
+        if isinstance(result, BaseException):
+            metrics.image_fetches.labels("refused" if isinstance(result, APIError) else "error").inc()
+            if isinstance(result, APIError):
+                result.param = param
+            raise result
+        metrics.image_fetches.labels("ok").inc()
+        holder["url"] = result

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from server.gateway.admission import Admission
-from server.gateway.errors import APIError
+from server.errors import APIError
 
 
 def test_slots_queue_handover_and_limits():

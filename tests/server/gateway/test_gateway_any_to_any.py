@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from server.gateway.config import GatewayConfig
-from server.gateway.generation import extract_caption
+from server.gateway.image_generation import extract_caption
 
 KEY = "sk-any-to-any"
 #: Two <h> spans: the caption must be the LAST one (the official CLI's rule).

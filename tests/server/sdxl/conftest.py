@@ -16,7 +16,7 @@ from server.procs import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 #: Worker settings the live tests rely on (queue of 3, batches of up to 4 images, 1 CPU thread: with tiny ops on a
 #: busy 2-core machine one thread is ~10x faster than two).

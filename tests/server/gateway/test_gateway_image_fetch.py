@@ -9,8 +9,8 @@ import base64
 import pytest
 
 from server.gateway.config import ImagePolicy
-from server.gateway.errors import APIError
-from server.gateway.images import ImageURLRefused, check_data_url, fetch_image, ip_refusal, parse_url, vet
+from server.errors import APIError
+from server.gateway.image_fetch import ImageURLRefused, check_data_url, fetch_image, ip_refusal, parse_url, vet
 
 REFUSED = [
     "127.0.0.1", "127.1.2.3", "10.0.0.1", "10.255.255.255", "172.16.0.1", "172.31.255.1", "192.168.1.1",

@@ -1,16 +1,19 @@
-"""The engine pool: least-in-flight routing, marking engines down on connection failures, background re-probes, and
-(with ``discover_interval_s > 0``) DNS discovery of the engines behind a name (:mod:`server.gateway.discovery`)."""
+"""The engine pool: least-in-flight routing through leases, marking engines down on connection failures, background
+re-probes, and (with ``discover_interval_s > 0``) DNS discovery of the engines behind a name
+(:mod:`server.gateway.discovery`). The pool owns each engine's in-flight count and its gauges
+(``mgm_gateway_engine_up``, ``mgm_gateway_engine_in_flight``), as the SDXL pool does for its workers."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
 
 from server.gateway.backends import Backend, BackendPool
 from server.gateway.discovery import Resolve
+from server.gateway.metrics import GatewayMetrics
 
 logger = logging.getLogger("mgm.gateway.routing")
 
@@ -29,22 +32,20 @@ class EnginePool(BackendPool[Engine]):
     engines whose address appears are added and probed, engines whose address is gone leave the rotation (requests
     already on them finish). ``probe_all`` does the first resolution.
 
-    ``on_change`` hears every probe result and mark-down of an engine still in the pool; ``on_remove`` hears each
-    engine discovery drops."""
+    A request holds an :class:`EngineLease` while it uses an engine: the lease counts it in flight and releases it
+    exactly once. Without ``metrics`` (unit tests of routing) no gauges are kept."""
 
     noun = "engine"
     log_field = "engine"
 
-    def __init__(self, urls: tuple[str, ...], client: httpx.AsyncClient, *, probe_interval_s: float = 2.0,
-                 probe_timeout_s: float = 2.0, on_change: Callable[[Engine], None] | None = None,
-                 discover_interval_s: float = 0.0, resolve: Resolve | None = None,
-                 on_remove: Callable[[Engine], None] | None = None) -> None:
+    def __init__(self, urls: tuple[str, ...], client: httpx.AsyncClient, metrics: GatewayMetrics | None = None, *,
+                 probe_interval_s: float = 2.0, probe_timeout_s: float = 2.0, discover_interval_s: float = 0.0,
+                 resolve: Resolve | None = None) -> None:
         super().__init__(urls, Engine, logger, probe_interval_s=probe_interval_s,
                          discover_interval_s=discover_interval_s, resolve=resolve)
         self.client = client
+        self.metrics = metrics
         self.probe_timeout_s = probe_timeout_s
-        self.on_change = on_change or (lambda _e: None)
-        self.on_remove = on_remove or (lambda _e: None)
 
     @property
     def engines(self) -> list[Engine]:
@@ -66,7 +67,12 @@ class EnginePool(BackendPool[Engine]):
 
     def _set(self, engine: Engine, up: bool) -> None:
         if self._record(engine, up):  # an engine removed by discovery reports nothing more
-            self.on_change(engine)
+            self._gauges(engine)
+
+    def _gauges(self, engine: Engine) -> None:
+        if self.metrics is not None and engine in self.engines:  # no series for a pod discovery already dropped
+            self.metrics.engine_up.labels(engine.url).set(1 if engine.up else 0)
+            self.metrics.engine_in_flight.labels(engine.url).set(engine.in_flight)
 
     def mark_down(self, engine: Engine, reason: str) -> None:
         self._log_mark_down(engine, reason)
@@ -74,8 +80,12 @@ class EnginePool(BackendPool[Engine]):
         self._start_reprobe(engine)
 
     async def _on_removed(self, removed: list[Engine]) -> None:
-        for engine in removed:
-            self.on_remove(engine)
+        if self.metrics is None:
+            return
+        for engine in removed:  # discovery dropped it: no stale per-engine series
+            for gauge in (self.metrics.engine_up, self.metrics.engine_in_flight):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(engine.url)
 
     # --- routing ---------------------------------------------------------------------------------------------------
 
@@ -83,9 +93,31 @@ class EnginePool(BackendPool[Engine]):
         candidates = [e for e in self.engines if e.up and e not in exclude]
         return min(candidates, key=lambda e: e.in_flight) if candidates else None
 
+    def lease(self, exclude: set[Engine] | frozenset[Engine] = frozenset()) -> EngineLease | None:
+        """The least loaded up engine not in ``exclude``, counted in flight until the lease is released."""
+        engine = self.pick(exclude)
+        if engine is None:
+            return None
+        engine.in_flight += 1
+        self._gauges(engine)
+        return EngineLease(self, engine)
+
     def models(self) -> list[str]:
         seen: dict[str, None] = {}
         for engine in self.engines:
             for m in engine.models:
                 seen[m] = None
         return list(seen)
+
+
+class EngineLease:
+    """One request's hold on an engine; :meth:`release` is idempotent, so every exit path may call it."""
+
+    def __init__(self, pool: EnginePool, engine: Engine) -> None:
+        self.pool, self.engine, self.released = pool, engine, False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.engine.in_flight -= 1
+            self.pool._gauges(self.engine)

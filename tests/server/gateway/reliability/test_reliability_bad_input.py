@@ -1,7 +1,7 @@
 """Every bad-input case of RELIABILITY.md (reliability_cases.CASES) against live gateways in front of the session's
 real tiny engine: the expected status, the OpenAI error shape with the expected ``code``/``param``, and after each
 case the gateway still serves a good chat request. Also: RELIABILITY.md's table is what reliability_table.py renders
-from the cases (regenerate with ``.venv/bin/python tests/gateway/reliability/reliability_table.py``)."""
+from the cases (regenerate with ``.venv/bin/python tests/server/gateway/reliability/reliability_table.py``)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from reliability_table import render_bad_input, update_doc
 
 from server.gateway.config import GatewayConfig, ImagePolicy
 
-DOC = Path(__file__).resolve().parents[3] / "RELIABILITY.md"
+DOC = Path(__file__).resolve().parents[4] / "RELIABILITY.md"
 
 
 @pytest.fixture(scope="module")
@@ -84,5 +84,5 @@ def test_bad_input(case: Case, gateways, engine, file_server):  # type: ignore[n
 def test_reliability_md_table_is_up_to_date():
     text = DOC.read_text()
     assert update_doc(text, "bad-input", render_bad_input(CASES)) == text, (
-        "RELIABILITY.md's bad-input table is out of date: run .venv/bin/python tests/gateway/reliability/"
+        "RELIABILITY.md's bad-input table is out of date: run .venv/bin/python tests/server/gateway/reliability/"
         "reliability_table.py")

@@ -97,8 +97,10 @@ def test_worker_cli_rejects_bad_settings(tmp_path, tiny_sdxl, monkeypatch, capsy
     with pytest.raises(SystemExit) as exc:
         main(["sdxl-worker", "--model", str(tiny_sdxl), "--bogus", "1"])  # only `engine` passes arguments on
     assert exc.value.code == 2
-    monkeypatch.setenv("MGM_SDXL_DEVICE", "tpu")  # env defaults skip argparse's choices check
-    assert main(["sdxl-worker", "--model", str(tiny_sdxl)]) == 2
+    monkeypatch.setenv("MGM_SDXL_DEVICE", "tpu")  # env defaults are checked against the choices when parsing
+    with pytest.raises(SystemExit) as exc:
+        main(["sdxl-worker", "--model", str(tiny_sdxl)])
+    assert exc.value.code == 2 and "$MGM_SDXL_DEVICE" in capsys.readouterr().err
     monkeypatch.delenv("MGM_SDXL_DEVICE")
     monkeypatch.setenv("MGM_SDXL_MAX_QUEUE", "lots")
     with pytest.raises(SystemExit) as exc:

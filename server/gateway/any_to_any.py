@@ -1,0 +1,133 @@
+"""Any-to-any chat: MGM's generation mode behind ``"modalities": ["text", "image"]`` (docs/api.md §1.2,
+docs/mgm.md §7).
+
+The official `` <GEN>`` suffix goes onto the last user turn; the model answers in text; the last complete
+``<h>…</h>`` span of each choice is drawn by the SDXL pool and returned next to ``content`` as ``message.images``
+(streaming: one extra chunk with ``delta.images`` before ``[DONE]``). The gateway never makes the model write a
+caption: what the engine returns is what is used.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from engine.names import GEN_SUFFIX
+from server.errors import APIError, validation_error
+from server.gateway import sse
+from server.gateway.image_generation import ImagesService, extract_caption
+from server.gateway.protocol import ImageOptions
+from server.gateway.relay import StreamWrapper
+
+
+def add_gen_suffix(messages: list[dict[str, Any]]) -> None:
+    """Append the official `` <GEN>`` suffix to the text of the last user turn (in place)."""
+    for message in reversed(messages):
+        if message.get("role") != "user":
+            continue
+        content = message.get("content")
+        if isinstance(content, str) or content is None:
+            message["content"] = (content or "") + GEN_SUFFIX
+        else:
+            texts = [p for p in content if p.get("type") == "text"]
+            if texts:
+                texts[-1]["text"] += GEN_SUFFIX
+            else:
+                content.append({"type": "text", "text": GEN_SUFFIX.strip()})
+        return
+    raise ValueError("no user message")
+
+
+def generation_options(body: dict[str, Any]) -> ImageOptions | None:
+    """Pops ``modalities`` and ``image_options`` from the body; the image options when an image is asked for."""
+    modalities = body.pop("modalities", None)
+    options = body.pop("image_options", None)
+    if modalities is None:
+        if options is not None:
+            raise APIError(400, "'image_options' needs \"modalities\": [\"text\", \"image\"].",
+                           param="image_options", code="invalid_value")
+        return None
+    if not isinstance(modalities, list) or not all(m in ("text", "image") for m in modalities) or not modalities:
+        raise APIError(400, "Invalid value for 'modalities': a list of \"text\" and \"image\".", param="modalities",
+                       code="invalid_value")
+    if "image" not in modalities:
+        return None
+    try:
+        return ImageOptions.model_validate(options or {})
+    except ValidationError as exc:
+        err = validation_error(exc.errors())
+        if err.param:
+            err.message = err.message.replace(f"'{err.param}'", f"'image_options.{err.param}'")
+            err.param = "image_options." + err.param
+        raise err from None
+
+
+@dataclass
+class Generation:
+    """One any-to-any request: its image options and size, and where stored images are served from."""
+
+    images: ImagesService
+    options: ImageOptions
+    size: tuple[int, int]
+    base_url: str
+
+    @classmethod
+    def prepare(cls, images: ImagesService, body: dict[str, Any], base_url: str) -> Generation | None:
+        """Read the generation fields off ``body`` and add the ``<GEN>`` suffix; None for a plain chat request."""
+        options = generation_options(body)
+        if options is None:
+            return None
+        images.pool("modalities")
+        add_gen_suffix(body["messages"])
+        return cls(images, options, images.size(options.size, "image_options.size"), base_url)
+
+    async def add_images(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """A non-streamed completion with ``message.images`` added to each choice that has a caption."""
+        captions: dict[int, str] = {}
+        for choice in payload.get("choices") or []:
+            text = (choice.get("message") or {}).get("content")
+            if isinstance(text, str) and (caption := extract_caption(text)):
+                captions[int(choice.get("index") or 0)] = caption
+        if captions:
+            images = await self.images.draw_captions(captions, self.options, self.size, self.base_url)
+            for choice in payload["choices"]:
+                if (index := int(choice.get("index") or 0)) in images:
+                    choice["message"]["images"] = images[index]
+        return payload
+
+    @property
+    def stream_wrapper(self) -> StreamWrapper:
+        return self._wrap
+
+    async def _wrap(self, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """Passes a chat stream on while collecting each choice's text; before ``[DONE]`` sends one chunk with the
+        images (or an ``error`` event when drawing failed)."""
+        texts: dict[int, str] = {}
+        meta: dict[str, Any] = {}
+        async for event in events:
+            if sse.data(event) == sse.DONE:
+                captions = {i: c for i, t in texts.items() if (c := extract_caption(t))}
+                if captions:
+                    try:
+                        images = await self.images.draw_captions(captions, self.options, self.size, self.base_url)
+                    except APIError as exc:
+                        yield sse.encode(exc.body(), "error")
+                        return
+                    yield sse.encode({
+                        "id": meta.get("id"), "object": "chat.completion.chunk",
+                        "created": meta.get("created") or int(time.time()), "model": meta.get("model"),
+                        "choices": [{"index": i, "delta": {"images": images[i]}, "logprobs": None,
+                                     "finish_reason": None} for i in sorted(images)],
+                        "usage": None})
+            elif isinstance(chunk := sse.json_data(event), dict):
+                for key in ("id", "created", "model"):
+                    meta.setdefault(key, chunk.get(key))
+                for choice in chunk.get("choices") or []:
+                    delta = choice.get("delta") or {}
+                    index = int(choice.get("index") or 0)
+                    texts[index] = texts.get(index, "") + (delta.get("content") or "")
+            yield event

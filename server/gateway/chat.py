@@ -1,0 +1,57 @@
+"""Chat completions (docs/api.md §1.1): the request checked against the models this gateway serves, prepared for the
+engine (official BOS, generation mode, remote images inlined), then relayed streamed or not."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import Response
+from fastapi.responses import JSONResponse
+
+from server.errors import APIError
+from server.gateway.any_to_any import Generation
+from server.gateway.config import GatewayConfig
+from server.gateway.image_fetch import Resolver, inline_images
+from server.gateway.image_generation import ImagesService
+from server.gateway.metrics import GatewayMetrics
+from server.gateway.models import ModelCatalog
+from server.gateway.protocol import ChatCompletionRequest
+from server.gateway.relay import ChatRelay
+
+logger = logging.getLogger("mgm.gateway")
+
+class ChatService:
+    def __init__(self, config: GatewayConfig, relay: ChatRelay, images: ImagesService, models: ModelCatalog,
+                 resolver: Resolver, metrics: GatewayMetrics) -> None:
+        self.config, self.relay, self.images, self.models = config, relay, images, models
+        self.resolver, self.metrics = resolver, metrics
+
+    def _check_model(self, model: str) -> None:
+        if self.config.sdxl_workers and model == self.config.image_model_name:
+            raise APIError(400, f"'{model}' is an image model; use /v1/images/generations.", param="model",
+                           code="invalid_model")
+        known = self.models.chat_ids()
+        if known and model not in known:
+            raise APIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
+
+    async def create(self, req: ChatCompletionRequest, base_url: str) -> Response:
+        # 1. The model must be one of ours (unknown while no engine has answered yet: then the engine decides).
+        if unknown := req.unknown_fields():
+            logger.info("request has fields outside the OpenAI schema; forwarded to the engine",
+                        extra={"fields": {"fields": ",".join(unknown)}})
+        self._check_model(req.model)
+        # 2. The engine's body. vLLM's chat path tokenises without special tokens, but the official MGM prompt ids
+        #    start with BOS: ask for it (image prompts get the official ids either way; the processor rebuilds them).
+        body = req.model_dump(exclude_unset=True)
+        body.setdefault("add_special_tokens", True)
+        generation = Generation.prepare(self.images, body, base_url)
+        await inline_images(body, self.config.images, self.resolver, self.metrics)
+        # 3. Relay: a stream passes through (with the images chunk in generation mode); a completion gets its images.
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return await self.relay.stream(body, include_usage, None if generation is None
+                                           else generation.stream_wrapper)
+        payload = await self.relay.complete(body)
+        if generation is not None:
+            payload = await generation.add_images(payload)
+        return JSONResponse(payload)

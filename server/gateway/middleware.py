@@ -1,0 +1,128 @@
+"""The gateway's ASGI middleware, outermost first: metrics, admission, body limit. Each is a plain ASGI callable and
+acts before FastAPI reads a body, so a refused request costs neither the upload nor the parse:
+
+* :class:`MetricsMiddleware` counts every response by route and status and times it to its last byte (streams
+  included);
+* :class:`AdmissionMiddleware` authenticates, then takes an admission slot for the routes it guards (429/503 +
+  ``retry-after`` when the gateway is full), held until the response's last byte;
+* :class:`BodyLimitMiddleware` refuses a declared ``Content-Length`` over the cap at once and stops a chunked body
+  the moment it passes the cap (413 ``request_too_large`` either way).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from server.errors import APIError
+from server.gateway.admission import Admission
+from server.gateway.auth import APIKeys
+from server.gateway.metrics import GatewayMetrics
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+async def _refuse(err: APIError, scope: Scope, receive: Receive, send: Send) -> None:
+    await err.response()(scope, receive, send)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers") or ():
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+class MetricsMiddleware:
+    """``route`` label: the path itself for ``routes``, the prefix's label for paths under ``prefixes``, else
+    ``other`` (bounded label values whatever clients send)."""
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics, routes: frozenset[str],
+                 prefixes: Mapping[str, str]) -> None:
+        self.app, self.metrics, self.routes, self.prefixes = app, metrics, routes, prefixes
+
+    def _route(self, path: str) -> str:
+        if path in self.routes:
+            return path
+        return next((label for prefix, label in self.prefixes.items() if path.startswith(prefix)), "other")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = self._route(scope["path"])
+        status = 500
+        start = time.perf_counter()
+
+        async def _send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        gauge = self.metrics.in_flight.labels(route)
+        gauge.inc()
+        try:
+            await self.app(scope, receive, _send)
+        finally:
+            gauge.dec()
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+
+class AdmissionMiddleware:
+    """``guarded``: path → the :class:`Admission` its POST requests go through. The key is checked first: a caller
+    without one gets 401 and never a slot."""
+
+    def __init__(self, app: ASGIApp, keys: APIKeys, guarded: Mapping[str, Admission]) -> None:
+        self.app, self.keys, self.guarded = app, keys, guarded
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        admission = self.guarded.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if admission is None:
+            await self.app(scope, receive, send)
+            return
+        try:
+            self.keys.check(_header(scope, b"authorization"))
+            release = await admission.acquire()
+        except APIError as err:
+            await _refuse(err, scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            release()
+
+
+class BodyLimitMiddleware:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"Request body is larger than {self.max_bytes} bytes.", code="request_too_large")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = _header(scope, b"content-length") or ""
+        if length.isdigit() and int(length) > self.max_bytes:  # refused before a byte of it is read
+            await _refuse(self._too_large(), scope, receive, send)
+            return
+        seen = 0
+
+        async def capped() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:  # raised inside the body read: the app's error handler answers 413
+                    raise self._too_large()
+            return message
+
+        await self.app(scope, capped, send)

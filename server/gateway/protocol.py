@@ -1,0 +1,211 @@
+"""The gateway's protocol: pydantic models of the OpenAI requests it validates, and the response shapes its OpenAPI
+document declares. The API itself is described in docs/api.md.
+
+Requests accept unknown fields (``extra="allow"``): the gateway logs their names and forwards them, so vLLM extras
+such as ``top_k`` or ``ignore_eos`` keep working. Content parts are limited to ``text`` and ``image_url``: other part
+types (``video_url``, ``audio_url``, …) would make an engine fetch URLs itself and are refused.
+
+Response models are documentation only (handlers return JSON themselves); they accept extra fields because engines
+add their own (``stop_reason``, ``prompt_logprobs``, …).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# --- chat completions (OpenAI ``POST /v1/chat/completions``) --------------------------------------------------------
+
+
+class TextPart(_Open):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Open):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(_Open):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class Message(_Open):
+    role: Literal["developer", "system", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(_Open):
+    include_usage: bool = False
+
+
+class ResponseFormat(_Open):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class ChatCompletionRequest(_Open):
+    model: str = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    n: int | None = Field(default=None, ge=1, le=16)
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ChatCompletionRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return self
+
+    def unknown_fields(self) -> list[str]:
+        """Names of top-level fields that are not part of the schema (logged, forwarded)."""
+        return sorted(self.model_extra or {})
+
+
+# --- images (OpenAI ``POST /v1/images/generations``; chat's ``image_options``) ---------------------------------------
+
+#: ``quality`` → denoising steps; ``hd`` is diffusers' SDXL default, the official MGM setting.
+STEPS = {"standard": 30, "hd": 50}
+#: ``style`` → classifier-free guidance; ``natural`` is diffusers' SDXL default, the official MGM setting.
+GUIDANCE = {"natural": 5.0, "vivid": 7.5}
+
+
+class ImageOptions(_Open):
+    """What an image costs and looks like; shared by the images API and chat's ``image_options``."""
+
+    size: str | None = None
+    response_format: Literal["url", "b64_json"] | None = None
+    quality: Literal["standard", "hd"] | None = None
+    style: Literal["vivid", "natural"] | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    negative_prompt: str | None = Field(default=None, max_length=4000)
+    num_inference_steps: int | None = Field(default=None, ge=1, le=200)
+    guidance_scale: float | None = Field(default=None, ge=0, le=30, allow_inf_nan=False)
+
+    def worker_payload(self, prompt: str, n: int, width: int, height: int) -> dict[str, Any]:
+        """The SDXL worker's ``/v1/generate`` body; explicit steps/guidance win over quality/style."""
+        payload: dict[str, Any] = {
+            "prompt": prompt, "n": n, "width": width, "height": height,
+            "num_inference_steps": self.num_inference_steps or STEPS[self.quality or "standard"],
+            "guidance_scale": float(self.guidance_scale if self.guidance_scale is not None
+                                    else GUIDANCE[self.style or "natural"]),
+        }
+        if self.seed is not None:
+            payload["seed"] = self.seed
+        if "negative_prompt" in self.model_fields_set:  # omitted → the worker's official default
+            payload["negative_prompt"] = self.negative_prompt or None
+        return payload
+
+
+class ImageGenerationRequest(ImageOptions):
+    prompt: str = Field(min_length=1, max_length=4000)
+    model: str | None = None
+    n: int = Field(default=1, ge=1, le=10)
+    user: str | None = None
+    enhance_prompt: bool = True
+
+
+# --- response shapes (OpenAPI only) ----------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ChatMessage(_Open):
+    role: Literal["assistant"]
+    content: str | None = None
+    images: list[Any] | None = None  # any-to-any: the images drawn from the answer's caption
+
+
+class ChatChoice(_Open):
+    index: int
+    message: ChatMessage
+    finish_reason: str | None
+
+
+class ChatCompletion(_Open):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: dict[str, Any] | None = None
+
+
+#: One event of a chat stream: data is a ``chat.completion.chunk`` (JSON) or ``[DONE]``; event ``error`` ends a failed
+#: stream.
+CHAT_STREAM_EVENT: dict[str, Any] = {
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string", "anyOf": [{"const": "[DONE]"}, {"pattern": "^\\{"}]},
+                   "event": {"enum": ["message", "error"]}}}
+
+
+class ImageDatum(_Open):
+    url: str | None = None
+    b64_json: str | None = None
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(_Open):
+    created: int
+    data: list[ImageDatum]
+    size: str | None = None
+    output_format: str | None = None
+    prompt_enhancement: Literal["enhanced", "no_caption", "disabled"] | None = None
+
+
+class ModelCard(_Open):
+    id: str
+    object: Literal["model"]
+
+
+class ModelList(_Open):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(_Open):
+    status: Literal["ready"]
+    engines: list[dict[str, Any]]
+
+
+class NotReady(_Open):
+    error: ErrorDetail
+    engines: list[dict[str, Any]]
