@@ -14,7 +14,7 @@ import pytest
 from support.serve_live import ALIAS, API_KEY, Serve, leftovers
 
 from server.procs import png_data_url
-from server.serve import READY_PREFIX
+from server.supervisor import READY_PREFIX
 
 @pytest.fixture(scope="module")
 def client(serve_stack: Serve) -> openai.OpenAI:

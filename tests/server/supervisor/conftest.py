@@ -14,7 +14,7 @@ import pytest
 from support.serve_live import ALIAS, API_KEY, VLLM_ARGS, Serve, start_serve
 
 from server.procs import free_port
-from server.serve import READY_PREFIX
+from server.supervisor import READY_PREFIX
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

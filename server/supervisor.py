@@ -5,10 +5,10 @@
     mgm serve --engines 2 --sdxl-workers 0 -- --max-model-len 4096   # after --: extra vLLM arguments
 
 Engines and workers listen on free loopback ports, the gateway on ``--host``/``--port``. Each child runs in its own
-process group with its output in ``<logs-dir>/<name>.log``; serve waits until every child answers its readiness
-route, prints the URL and a ready-to-paste ``curl``, then supervises: Ctrl-C or SIGTERM stops every child (SIGTERM,
-bounded wait, SIGKILL) and exits 0; a child that dies on its own is logged and everything is stopped, exit 1.
-Registered by ``server.cli._add_serve``; nothing heavy is imported at module level.
+process group with its output in ``<logs-dir>/<name>.log`` (:mod:`server.procs`); the supervisor waits until every
+child answers its readiness route, prints the URL and a ready-to-paste ``curl``, then supervises: Ctrl-C or SIGTERM
+stops every child (SIGTERM, bounded wait, SIGKILL) and exits 0; a child that dies on its own is logged and everything
+is stopped, exit 1. Registered by :mod:`server.cli`; nothing heavy is imported at module level.
 """
 
 from __future__ import annotations
@@ -20,15 +20,16 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.gateway.cli import csv_list
+from server.flags import SubParsers, add_flag, defaults
+from server.gateway import cli as gateway_cli
+from server.gateway.config import GatewayConfig
 from server.procs import Child, chat_curl, free_ports, kill_children, stop_children
 
 logger = logging.getLogger("mgm.serve")
-
-Env = Callable[[str, str], str]
 
 #: Printed on stdout once every child is ready (tests and scripts wait for it).
 READY_PREFIX = "mgm serve: ready at "
@@ -36,7 +37,32 @@ READY_PREFIX = "mgm serve: ready at "
 TINY_VLLM_ARGS = ["--max-model-len", "2048", "--limit-mm-per-prompt", '{"image": 4}']
 
 
-def add_serve(sub: argparse._SubParsersAction, common: argparse.ArgumentParser, env: Env) -> None:
+@dataclass(frozen=True)
+class ServeConfig:
+    """What ``mgm serve`` runs. No ``model``/``image_model``: the tiny random checkpoints under ``cache_dir``."""
+
+    model: Path | None = None
+    image_model: Path | None = None
+    host: str = gateway_cli.DEFAULT_HOST  # the gateway's address
+    port: int = gateway_cli.DEFAULT_PORT
+    engines: int = 1
+    sdxl_workers: int = 1  # 0 = no image generation
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # handed to the gateway in its environment only
+    model_name: str | None = None  # the gateway's chat model alias
+    cache_dir: Path = Path(".cache")  # tiny checkpoints, and logs unless logs_dir is given
+    logs_dir: Path | None = None
+    ready_timeout_s: float = 900.0
+    stop_timeout_s: float = 30.0
+    log_level: str = "INFO"  # every child logs like the supervisor
+    log_format: str = "text"
+    vllm_args: tuple[str, ...] = ()  # passed to every engine's vLLM server
+
+    @property
+    def logs(self) -> Path:
+        return self.logs_dir or self.cache_dir / "logs"
+
+
+def register(sub: SubParsers, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "serve", parents=[common], allow_abbrev=False,  # never let an abbreviation swallow a vLLM flag
         help="run the whole stack: engine(s), SDXL worker(s) and the gateway (arguments after -- go to vLLM)",
@@ -45,43 +71,46 @@ def add_serve(sub: argparse._SubParsersAction, common: argparse.ArgumentParser, 
         "--model/--image-model it serves tiny RANDOM-weight checkpoints under the cache directory (built when "
         "missing). Arguments after -- (or unknown ones) are passed to every engine's vLLM server.",
     )
-    model = env("MGM_MODEL", "")
-    image_model = env("MGM_IMAGE_MODEL", "")
-    p.add_argument("--model", type=Path, default=Path(model) if model else None,
-                   help="MGM checkpoint directory (default: $MGM_MODEL or the tiny random one, <cache-dir>/tiny-mgm)")
-    p.add_argument("--image-model", type=Path, default=Path(image_model) if image_model else None,
-                   help="diffusers SDXL directory (default: $MGM_IMAGE_MODEL or the tiny random one, "
-                   "<cache-dir>/tiny-sdxl)")
-    p.add_argument("--host", default=env("MGM_HOST", "127.0.0.1"), help="gateway address (default: $MGM_HOST or "
-                   "127.0.0.1)")
-    p.add_argument("--port", type=int, default=env("MGM_PORT", "8000"), help="gateway port (default: $MGM_PORT or "
-                   "8000)")
-    p.add_argument("--engines", type=int, default=env("MGM_NUM_ENGINES", "1"),
-                   help="number of MGM engines (default: $MGM_NUM_ENGINES or 1)")
-    p.add_argument("--sdxl-workers", type=int, default=env("MGM_NUM_SDXL_WORKERS", "1"),
-                   help="number of SDXL workers, 0 = no image generation (default: $MGM_NUM_SDXL_WORKERS or 1)")
-    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
-                   help="accepted Bearer key, repeatable; prefer $MGM_API_KEYS (comma-separated), which keeps keys "
-                   "out of the process list (default: none = no auth)")
-    p.add_argument("--model-name", default=env("MGM_MODEL_NAME", "") or None,
-                   help="extra id clients may use for the chat model (default: $MGM_MODEL_NAME)")
-    p.add_argument("--cache-dir", type=Path, default=env("MGM_CACHE_DIR", ".cache"),
-                   help="tiny checkpoints and logs live here (default: $MGM_CACHE_DIR or .cache)")
-    p.add_argument("--logs-dir", type=Path, default=env("MGM_LOGS_DIR", "") or None,
-                   help="children's log files (default: $MGM_LOGS_DIR or <cache-dir>/logs)")
-    p.add_argument("--ready-timeout", type=float, default=env("MGM_READY_TIMEOUT", "900"),
-                   help="seconds to wait for every child to be ready (default: $MGM_READY_TIMEOUT or 900)")
-    p.add_argument("--stop-timeout", type=float, default=env("MGM_STOP_TIMEOUT", "30"),
-                   help="seconds children get to stop after SIGTERM before SIGKILL (default: $MGM_STOP_TIMEOUT "
-                   "or 30)")
+    d = defaults(ServeConfig)
+    add_flag(p, "--model", env="MGM_MODEL", type=Path, default=d.model,
+             shown_default="the tiny random one, <cache-dir>/tiny-mgm", help="MGM checkpoint directory")
+    add_flag(p, "--image-model", env="MGM_IMAGE_MODEL", type=Path, default=d.image_model,
+             shown_default="the tiny random one, <cache-dir>/tiny-sdxl", help="diffusers SDXL directory")
+    add_flag(p, "--host", env="MGM_HOST", default=d.host, help="gateway address")
+    add_flag(p, "--port", env="MGM_PORT", type=int, default=d.port, help="gateway port")
+    add_flag(p, "--engines", env="MGM_NUM_ENGINES", type=int, default=d.engines, help="number of MGM engines")
+    add_flag(p, "--sdxl-workers", env="MGM_NUM_SDXL_WORKERS", type=int, default=d.sdxl_workers,
+             help="number of SDXL workers, 0 = no image generation")
+    add_flag(p, "--api-key", env="MGM_API_KEYS", action="append", default=d.api_keys, metavar="KEY",
+             shown_default="none = no auth", help="accepted Bearer key, repeatable; the variable keeps keys out "
+             "of the process list")
+    add_flag(p, "--model-name", env="MGM_MODEL_NAME", default=d.model_name,
+             help="extra id clients may use for the chat model")
+    add_flag(p, "--cache-dir", env="MGM_CACHE_DIR", type=Path, default=d.cache_dir,
+             help="tiny checkpoints and logs live here")
+    add_flag(p, "--logs-dir", env="MGM_LOGS_DIR", type=Path, default=d.logs_dir, shown_default="<cache-dir>/logs",
+             help="children's log files")
+    add_flag(p, "--ready-timeout", env="MGM_READY_TIMEOUT", type=float, default=d.ready_timeout_s,
+             help="seconds to wait for every child to be ready")
+    add_flag(p, "--stop-timeout", env="MGM_STOP_TIMEOUT", type=float, default=d.stop_timeout_s,
+             help="seconds children get to stop after SIGTERM before SIGKILL")
     p.set_defaults(handler=run_serve, accepts_passthrough=True)
+
+
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    return ServeConfig(
+        model=args.model, image_model=args.image_model, host=args.host, port=args.port, engines=args.engines,
+        sdxl_workers=args.sdxl_workers, api_keys=tuple(args.api_key), model_name=args.model_name,
+        cache_dir=args.cache_dir, logs_dir=args.logs_dir, ready_timeout_s=args.ready_timeout,
+        stop_timeout_s=args.stop_timeout, log_level=args.log_level, log_format=args.log_format,
+        vllm_args=tuple(vllm_args(args.passthrough)))
 
 
 # --- plan -----------------------------------------------------------------------------------------------------------
 
 
-def _module_argv(args: argparse.Namespace, *rest: str) -> list[str]:
-    return [sys.executable, "-m", "server", "--log-level", args.log_level, "--log-format", args.log_format, *rest]
+def _module_argv(config: ServeConfig, *rest: str) -> list[str]:
+    return [sys.executable, "-m", "server", "--log-level", config.log_level, "--log-format", config.log_format, *rest]
 
 
 def vllm_args(passthrough: Sequence[str]) -> list[str]:
@@ -92,35 +121,35 @@ def vllm_args(passthrough: Sequence[str]) -> list[str]:
     return extra
 
 
-def plan_children(args: argparse.Namespace, model: Path, image_model: Path | None, extra_vllm: Sequence[str],
+def plan_children(config: ServeConfig, model: Path, image_model: Path | None, extra_vllm: Sequence[str],
                   logs: Path) -> list[Child]:
     """Engines, then workers, then the gateway, each on its own port (engines and workers on free loopback ports)."""
     children = []
-    n_workers = args.sdxl_workers if image_model is not None else 0
-    ports = iter(free_ports(args.engines + n_workers, exclude=[args.port]))
-    for i in range(args.engines):
+    n_workers = config.sdxl_workers if image_model is not None else 0
+    ports = iter(free_ports(config.engines + n_workers, exclude=[config.port]))
+    for i in range(config.engines):
         port = next(ports)
         children.append(Child(f"engine-{i}", _module_argv(
-            args, "engine", "--model", str(model), "--host", "127.0.0.1", "--port", str(port), *extra_vllm),
+            config, "engine", "--model", str(model), "--host", "127.0.0.1", "--port", str(port), *extra_vllm),
             logs / f"engine-{i}.log", ready_url=f"http://127.0.0.1:{port}/health"))
     for i in range(n_workers):
         port = next(ports)
         children.append(Child(f"sdxl-worker-{i}", _module_argv(
-            args, "sdxl-worker", "--model", str(image_model), "--host", "127.0.0.1", "--port", str(port)),
+            config, "sdxl-worker", "--model", str(image_model), "--host", "127.0.0.1", "--port", str(port)),
             logs / f"sdxl-worker-{i}.log", ready_url=f"http://127.0.0.1:{port}/ready"))
-    gateway = _module_argv(args, "gateway", "--host", args.host, "--port", str(args.port))
+    gateway = _module_argv(config, "gateway", "--host", config.host, "--port", str(config.port))
     for child in children:
         flag = "--engine" if child.name.startswith("engine") else "--sdxl-worker"
         gateway += [flag, child.ready_url.rsplit("/", 1)[0]]  # type: ignore[union-attr]
-    if args.model_name:
-        gateway += ["--model-name", args.model_name]
-    children.append(Child("gateway", gateway, logs / "gateway.log", ready_url=f"{_base(args)}/ready"))
+    if config.model_name:
+        gateway += ["--model-name", config.model_name]
+    children.append(Child("gateway", gateway, logs / "gateway.log", ready_url=f"{_base(config)}/ready"))
     return children
 
 
-def _base(args: argparse.Namespace) -> str:
-    host = args.host if args.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-    return f"http://{'[' + host + ']' if ':' in host else host}:{args.port}"
+def _base(config: ServeConfig) -> str:
+    host = config.host if config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    return f"http://{'[' + host + ']' if ':' in host else host}:{config.port}"
 
 
 # --- run ------------------------------------------------------------------------------------------------------------
@@ -143,11 +172,11 @@ class _Stop:
         self.event.set()
 
 
-def _build(kind: str, out: Path, args: argparse.Namespace, stop: _Stop, logs: Path) -> bool:
+def _build(kind: str, out: Path, config: ServeConfig, stop: _Stop) -> bool:
     """Build a tiny checkpoint into a scratch directory next to ``out`` and rename it into place (an interrupted
     build leaves no half checkpoint behind)."""
     scratch = out.with_name(f"{out.name}.partial-{os.getpid()}")
-    child = Child(f"{kind}-build", _module_argv(args, kind, str(scratch), "--force"), logs / f"{kind}.log")
+    child = Child(f"{kind}-build", _module_argv(config, kind, str(scratch), "--force"), config.logs / f"{kind}.log")
     logger.info("building the tiny checkpoint", extra={"fields": {"out": str(out), "log": str(child.log)}})
     stop.children[:] = [child]
     child.start(env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -163,18 +192,18 @@ def _build(kind: str, out: Path, args: argparse.Namespace, stop: _Stop, logs: Pa
     return True
 
 
-def _tiny(kind: str, out: Path, marker: str, args: argparse.Namespace, stop: _Stop, logs: Path) -> Path | None:
-    if not (out / marker).is_file() and not _build(kind, out, args, stop, logs):
+def _tiny(kind: str, out: Path, marker: str, config: ServeConfig, stop: _Stop) -> Path | None:
+    if not (out / marker).is_file() and not _build(kind, out, config, stop):
         return None
     return out
 
 
-def _checkpoint(given: Path | None, kind: str, tiny: Path, marker: str, what: str, args: argparse.Namespace,
-                stop: _Stop, logs: Path, random_weights: list[str]) -> tuple[Path | None, int]:
+def _checkpoint(given: Path | None, kind: str, tiny: Path, marker: str, what: str, config: ServeConfig,
+                stop: _Stop, random_weights: list[str]) -> tuple[Path | None, int]:
     """The directory to serve: ``given`` when it holds ``marker``, else the tiny one (built when missing, noted in
     ``random_weights``). (None, exit status) when there is nothing to serve."""
     if given is None:
-        built = _tiny(kind, tiny, marker, args, stop, logs)
+        built = _tiny(kind, tiny, marker, config, stop)
         if built is None:
             return None, 0 if stop.event.is_set() else 1
         random_weights.append(str(built))
@@ -200,60 +229,60 @@ def _port_problem(host: str, port: int) -> str | None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    if args.engines < 1 or args.sdxl_workers < 0:
+    config = serve_config(args)
+    if config.engines < 1 or config.sdxl_workers < 0:
         logger.error("need --engines >= 1 and --sdxl-workers >= 0",
-                     extra={"fields": {"engines": args.engines, "sdxl_workers": args.sdxl_workers}})
+                     extra={"fields": {"engines": config.engines, "sdxl_workers": config.sdxl_workers}})
         return 2
-    if not 0 < args.port < 65536:
-        logger.error("invalid --port", extra={"fields": {"port": args.port}})
+    if not 0 < config.port < 65536:
+        logger.error("invalid --port", extra={"fields": {"port": config.port}})
         return 2
-    problem = _port_problem(args.host, args.port)
+    problem = _port_problem(config.host, config.port)
     if problem:
         logger.error("the gateway cannot listen there", extra={"fields": {
-            "host": args.host, "port": args.port, "error": problem}})
+            "host": config.host, "port": config.port, "error": problem}})
         return 2
-    cache: Path = args.cache_dir
-    logs: Path = args.logs_dir or cache / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    config.logs.mkdir(parents=True, exist_ok=True)
     stop = _Stop()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _serve(args, cache, logs, stop)
+        return _serve(config, stop)
     finally:
         if stop.children:
-            clean = stop_children(stop.children, timeout=args.stop_timeout)
+            clean = stop_children(stop.children, timeout=config.stop_timeout_s)
             logger.info("every child stopped", extra={"fields": {"clean": clean, "exits": ",".join(
                 f"{c.name}={c.poll()}" for c in stop.children if c.proc is not None)}})
         for s, handler in previous.items():
             signal.signal(s, handler)
 
 
-def _serve(args: argparse.Namespace, cache: Path, logs: Path, stop: _Stop) -> int:
+def _serve(config: ServeConfig, stop: _Stop) -> int:
     random_weights: list[str] = []
-    model, status = _checkpoint(args.model, "build-tiny", cache / "tiny-mgm", "config.json", "checkpoint",
-                                args, stop, logs, random_weights)
+    cache, logs = config.cache_dir, config.logs
+    model, status = _checkpoint(config.model, "build-tiny", cache / "tiny-mgm", "config.json", "checkpoint",
+                                config, stop, random_weights)
     if model is None:
         return status
     image_model = None
-    if args.sdxl_workers > 0:
-        image_model, status = _checkpoint(args.image_model, "build-tiny-sdxl", cache / "tiny-sdxl",
-                                          "model_index.json", "diffusers pipeline", args, stop, logs, random_weights)
+    if config.sdxl_workers > 0:
+        image_model, status = _checkpoint(config.image_model, "build-tiny-sdxl", cache / "tiny-sdxl",
+                                          "model_index.json", "diffusers pipeline", config, stop, random_weights)
         if image_model is None:
             return status
     if random_weights:
         logger.warning("serving tiny checkpoints with RANDOM weights: chat answers are gibberish and images are "
                        "noise, by design; pass --model / --image-model for real ones",
                        extra={"fields": {"checkpoints": ",".join(random_weights)}})
-    extra = vllm_args(args.passthrough)
-    if args.model is None:  # the tiny defaults, unless the same flag was given
+    extra = list(config.vllm_args)
+    if config.model is None:  # the tiny defaults, unless the same flag was given
         for flag, value in zip(TINY_VLLM_ARGS[::2], TINY_VLLM_ARGS[1::2]):
             if not any(a == flag or a.startswith(flag + "=") for a in extra):
                 extra += [flag, value]
 
-    keys = args.api_key or csv_list(os.environ.get("MGM_API_KEYS", ""))
+    keys = config.api_keys
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("MGM_API_KEYS", None)
-    children = plan_children(args, model, image_model, extra, logs)
+    children = plan_children(config, model, image_model, extra, logs)
     stop.children[:] = children
     for child in children:
         child_env = env if child.name != "gateway" or not keys else {**env, "MGM_API_KEYS": ",".join(keys)}
@@ -261,15 +290,16 @@ def _serve(args: argparse.Namespace, cache: Path, logs: Path, stop: _Stop) -> in
         logger.info("started", extra={"fields": {"child": child.name, "pid": child.pid, "log": str(child.log)}})
     logger.info("children's logs", extra={"fields": {"dir": str(logs)}})
 
-    ready = _wait_ready(children, stop, args.ready_timeout)
+    ready = _wait_ready(children, stop, config.ready_timeout_s)
     if ready is not None:
         return ready
-    base = _base(args)
+    base = _base(config)
     chat_model = _chat_model(base, keys[0] if keys else None) or str(model)
-    image_name = os.environ.get("MGM_IMAGE_MODEL_NAME") or "sdxl"  # the gateway's default, from the same variable
-    image_note = f", image model '{image_name}' ({args.sdxl_workers} SDXL worker(s))" if image_model is not None \
+    # the gateway's default, from the same variable
+    image_name = os.environ.get("MGM_IMAGE_MODEL_NAME") or defaults(GatewayConfig).image_model_name
+    image_note = f", image model '{image_name}' ({config.sdxl_workers} SDXL worker(s))" if image_model is not None \
         else ", no image generation"
-    print(f"\n{READY_PREFIX}{base}/v1 — OpenAI-compatible; chat model '{chat_model}' ({args.engines} engine(s))"
+    print(f"\n{READY_PREFIX}{base}/v1 — OpenAI-compatible; chat model '{chat_model}' ({config.engines} engine(s))"
           f"{image_note}; logs in {logs}/", flush=True)
     if keys:
         print("Authentication is on: set MGM_API_KEY to one of the keys for the example.", flush=True)
