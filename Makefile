@@ -41,26 +41,26 @@ serve: $(STAMP)
 	$(VENV)/bin/mgm serve
 
 test: $(STAMP) $(CHROMIUM)
-	$(VENV)/bin/ruff check --quiet engine kernels server loadtests tests
+	$(VENV)/bin/ruff check --quiet engine kernels server loadtests bench tests deploy
 	MGM_REQUIRE_BROWSER=1 $(PY) -m pytest
 
-# CPU benchmarks run here; GPU sections are re-rendered from the stored results of the GPU check scripts.
+# CPU benchmarks run here (results in bench/results/); the GPU sections are re-rendered from the stored results
+# of `bash bench/gpu_check.sh OUT` (see bench/__init__.py).
 bench: $(STAMP)
-	$(PY) -m kernels.bench --out BENCHMARKS.md
-	$(PY) -m engine.bench_encoder --out BENCHMARKS.md
-	$(PY) -m loadtests.bench_serving --out BENCHMARKS.md
-	$(PY) -m kernels.gpu_report --out BENCHMARKS.md
-	$(PY) -m loadtests.gpu_report --out BENCHMARKS.md
+	$(PY) -m bench.kernels_cpu --out BENCHMARKS.md
+	$(PY) -m bench.encoder --out BENCHMARKS.md
+	$(PY) -m bench.serving --out BENCHMARKS.md
+	$(PY) -m bench.report --out BENCHMARKS.md
 
 # The serving benchmarks alone (~10 min on 2 cores): our stack against the official serving path, SDXL pool, HD.
 bench-serving: $(STAMP)
-	$(PY) -m loadtests.bench_serving --out BENCHMARKS.md
+	$(PY) -m bench.serving --out BENCHMARKS.md
 
 # Opt-in soak test (not part of `make test`): the whole stack under mixed traffic; SOAK_SECONDS (default 180, at
 # most 600). Writes its figures into RELIABILITY.md.
 .PHONY: soak
 soak: $(STAMP)
-	$(PY) tests/gateway/reliability/reliability_soak.py --seconds $(or $(SOAK_SECONDS),180)
+	$(PY) tests/server/gateway/reliability/reliability_soak.py --seconds $(or $(SOAK_SECONDS),180)
 
 clean:
 	rm -rf $(VENV) .cache

@@ -1,8 +1,8 @@
 """The load generator's HTTP side: one OpenAI request → one :class:`loadtests.stats.RequestResult`.
 
-aiohttp (as vLLM's bench uses) with one shared session per run; SSE is parsed from raw bytes so that large events
-(the any-to-any chunk carrying a base64 PNG) are not cut by a line-length limit. Timestamps are taken when a
-chunk's bytes arrive, before JSON parsing.
+aiohttp (as vLLM's bench uses) with one shared session per run; SSE events are cut from the raw bytes by
+`server.gateway.sse` (the gateway's own reader), so large events (the any-to-any chunk carrying a base64 PNG) are
+not cut by a line-length limit. An event is timestamped as soon as its last byte arrives, before JSON parsing.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 
 from loadtests.stats import RequestResult
+from server.gateway import sse
 
 
 @dataclass(frozen=True)
@@ -78,40 +79,35 @@ def _usage(data: dict[str, Any], result: RequestResult) -> None:
 
 
 async def _read_stream(resp: aiohttp.ClientResponse, result: RequestResult, start: float) -> None:
-    buf = b""
     last = None
     chunks = 0
     usage_seen = False
     done = False
-    async for piece in resp.content.iter_any():
+    async for event in sse.events(resp.content.iter_any()):
         now = time.perf_counter()
-        buf += piece
-        while b"\n\n" in buf:
-            event, buf = buf.split(b"\n\n", 1)
-            for line in event.splitlines():
-                if not line.startswith(b"data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == b"[DONE]":
-                    done = True
-                    continue
-                data = json.loads(payload)
-                if "error" in data:
-                    result.error = str(data["error"])[:200]
-                    return
-                if data.get("usage"):
-                    _usage(data, result)
-                    usage_seen = True
-                for choice in data.get("choices") or []:
-                    delta = choice.get("delta") or {}
-                    result.images += len(delta.get("images") or [])
-                    if delta.get("content"):
-                        chunks += 1
-                        if last is None:
-                            result.ttft = now - start
-                        else:
-                            result.itl.append(now - last)
-                        last = now
+        payload = sse.data(event)
+        if payload is None:  # a comment, a keep-alive
+            continue
+        if payload == sse.DONE:
+            done = True
+            continue
+        data = json.loads(payload)  # not JSON: a ValueError, which send() reports as the request's error
+        if "error" in data:
+            result.error = str(data["error"])[:200]
+            return
+        if data.get("usage"):
+            _usage(data, result)
+            usage_seen = True
+        for choice in data.get("choices") or []:
+            delta = choice.get("delta") or {}
+            result.images += len(delta.get("images") or [])
+            if delta.get("content"):
+                chunks += 1
+                if last is None:
+                    result.ttft = now - start
+                else:
+                    result.itl.append(now - last)
+                last = now
     if not done:
         result.error = "stream ended without [DONE]"
         return

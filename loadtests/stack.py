@@ -1,5 +1,6 @@
-"""Servers under test as child processes on loopback: `mgm engine`, `mgm sdxl-worker`, `mgm gateway` and the
-official-path baseline, each in its own process group with its log under ``logs`` (server.procs.Child)."""
+"""Servers under test as child processes on loopback — `mgm engine`, `mgm sdxl-worker`, `mgm gateway` — each in its
+own process group with its log under ``logs`` (server.procs.Child): the harness the live tests and the serving
+benchmark (bench/serving.py, which adds the official-path baseline) share."""
 
 from __future__ import annotations
 
@@ -53,12 +54,6 @@ def gateway(port: int, engines: Sequence[str], workers: Sequence[str], logs: Pat
     for url in workers:
         argv += ["--sdxl-worker", url]
     return Child(name, argv, logs / f"{name}.log", ready_url=f"http://127.0.0.1:{port}/ready")
-
-
-def baseline(model: Path, port: int, logs: Path, concurrency: int = 5) -> Child:
-    argv = [sys.executable, "-m", "loadtests.baselines.official_server", "--model", str(model), "--port", str(port),
-            "--limit-model-concurrency", str(concurrency)]
-    return Child("baseline", argv, logs / "baseline.log", ready_url=f"http://127.0.0.1:{port}/health")
 
 
 def base_url(child: Child) -> str:

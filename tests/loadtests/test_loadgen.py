@@ -1,14 +1,12 @@
 """The load generator around the statistics: scenarios, the client's SSE timing against a real loopback server,
-closed and open loop bounds, report rendering, and the GPU script's SDXL UNet config."""
+closed and open loop bounds."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import threading
-import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -16,7 +14,7 @@ from aiohttp import web
 from loadtests.client import Request, new_session, send
 from loadtests.loadgen import Bounds, check_loopback, closed_loop, open_loop, run_level
 from loadtests.scenarios import MIX, Scenario, mixed_kind
-from loadtests.stats import RequestResult, summarize
+from loadtests.stats import RequestResult
 
 GAP = 0.05  # seconds between the test server's content chunks
 
@@ -35,6 +33,12 @@ async def _chat(request: web.Request) -> web.StreamResponse:
                                   "usage": {"prompt_tokens": 5, "completion_tokens": 3}})
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await resp.prepare(request)
+    if body.get("model") == "split":  # events cut across writes, several in one write, a keep-alive comment
+        first = _chunk({"content": "a"})
+        await resp.write(b": keep-alive\r\n\r\n" + first[:9])
+        await asyncio.sleep(GAP)
+        await resp.write(first[9:] + _chunk({"content": "b"}) + b"data: [DONE]\n\n")
+        return resp
     await resp.write(_chunk({"role": "assistant", "content": ""}))  # no content: not the first token
     await asyncio.sleep(GAP)
     for piece in ("a", "b", "c"):
@@ -86,6 +90,13 @@ def test_stream_without_usage_counts_chunks_and_truncation_fails(server):
     assert _send(server, {"model": "m", "stream": True}).output_tokens == 3
     r = _send(server, {"model": "truncated", "stream": True})
     assert not r.ok and "[DONE]" in r.error
+
+
+def test_stream_events_timed_when_complete(server):
+    """An event counts when its last byte arrives: the first token lands after the write that completes it."""
+    r = _send(server, {"model": "split", "stream": True})
+    assert r.ok and r.output_tokens == 2
+    assert r.ttft > GAP * 0.8 and len(r.itl) == 1 and r.itl[0] < GAP / 2  # "b" came in the same write
 
 
 def test_non_streaming_and_http_errors(server):
@@ -148,69 +159,3 @@ def test_scenarios():
     assert kinds == set(MIX)
     with pytest.raises(ValueError):
         Scenario("nope", "m")
-
-
-def _level(c: int, rate: float, ttft: float) -> dict:
-    res = [RequestResult("chat-image", True, 0.0, 0.5, ttft, [0.01] * 31, 32, 40) for _ in range(4)]
-    return {"mode": "closed", "concurrency": c, "scenario": "image", **summarize(res, 4 / rate)}
-
-
-def test_report_renders_targets(tmp_path, monkeypatch):
-    from loadtests import report
-
-    monkeypatch.setattr(report, "PLOTS", tmp_path)
-    levels = [1, 32]
-    data = {"machine": "test cpu", "started": "now", "phases_s": {"baseline": 1.0},
-            "config": {"concurrency": levels, "image_size": 64, "max_tokens": 32, "per_level": 2, "cap": 128,
-                       "open_requests": 8, "time_limit_s": 60},
-            "baseline": {"sweep": [_level(c, 10, 0.3) for c in levels], "open": []},
-            "engine": {"sweep": [_level(c, 100, 0.050) for c in levels], "open": []},
-            "gateway": {"sweep": [_level(c, 95, 0.055) for c in levels], "open": []}}
-    text = report.serving_section(data)
-    assert "**9.5x** the baseline (target >= 8x): **met**" in text
-    assert "worst 5.0 % less throughput, +5.0 ms p50 TTFT: **met**" in text
-    data["gateway"]["sweep"][1] = _level(32, 50, 0.2)
-    assert "**missed** at c=32 (req/s -50.0 %, p50 TTFT +150.0 ms)" in report.targets(data)
-    assert "Gateway overhead." in report.explanation(data)
-    data["baseline"]["sweep"][1] = _level(32, 20, 0.3)  # gateway 50 req/s = 2.5x: missed, explained
-    assert "**2.5x** the baseline (target >= 8x): **missed**" in report.targets(data)
-    assert "Why the throughput target is missed" in report.explanation(data)
-    report.plots(data, tmp_path)
-    assert (tmp_path / "serving_throughput.png").stat().st_size > 1000
-    out = tmp_path / "B.md"
-    out.write_text("# B\n")
-    path = tmp_path / "s.json"
-    path.write_text(json.dumps(data))
-    monkeypatch.chdir(tmp_path)
-    report.render(path, out)
-    md = out.read_text()
-    assert "<!-- BEGIN serving-cpu -->" in md
-
-
-def test_sdxl_unet_config_is_sdxl_base():
-    from loadtests.gpu_sdxl import SDXL_UNET, SDXL_UNET_PARAMS, build_unet
-
-    unet = build_unet(SDXL_UNET, "meta")
-    assert sum(p.numel() for p in unet.parameters()) == SDXL_UNET_PARAMS
-
-
-def test_sdxl_step_timing_runs_small_on_cpu():
-    from loadtests.gpu_report import sdxl_section
-    from loadtests.gpu_sdxl import SDXL_UNET, measure
-
-    small = {**SDXL_UNET, "block_out_channels": (32, 32, 64), "transformer_layers_per_block": (1, 1, 1),
-             "attention_head_dim": (1, 2, 2), "cross_attention_dim": 32, "addition_time_embed_dim": 8,
-             "projection_class_embeddings_input_dim": 6 * 8 + 16, "layers_per_block": 1, "norm_num_groups": 8}
-    t0 = time.perf_counter()
-    result = measure(small, "cpu", "float32", 64, [1, 2], warmup=0, iters=1, steps=30)
-    assert time.perf_counter() - t0 < 60
-    assert [r["unet_batch"] for r in result["rows"]] == [2, 4]
-    assert all(r["ms_per_step"] > 0 and r["peak_extra_mb"] is None for r in result["rows"])
-    assert "## SDXL UNet step, GPU" in sdxl_section(result)
-
-
-def test_gpu_check_script_is_valid_bash():
-    import subprocess
-
-    script = Path(__file__).resolve().parents[2] / "loadtests" / "gpu_check.sh"
-    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0

@@ -1,9 +1,9 @@
-"""One-call GPU check of the mining kernels (run by kernels/gpu_check.sh on an H100/H200; never in CI).
+"""One-call GPU check of the mining kernels (part of bench/gpu_check.sh, on an H100/H200; never in CI).
 
 Measures, in one process on one card: device-to-device copy bandwidth (the ceiling), accuracy of every impl in
 fp32/bf16/fp16 against float64 at the real 768 px shape, and median times (CUDA events via triton's do_bench) and
 peak memory of reference / torch / triton for the 768 px and HD layouts at batch 1 and larger batches, plus a
-few kernel variants. Prints a table last and writes JSON to --out.
+few kernel variants. Prints a table last and writes JSON to --out (bench.report renders `kernels-gpu` from it).
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import time
 import torch
 import triton
 
+from bench.measure import CudaPeak
+from bench.mining import real_inputs
 from kernels import mine_patches
-from kernels.bench import real_inputs
 from kernels.contract import validate
 from kernels.folding import fold_queries, output_views
 from kernels.triton_impl import launch_kernels
@@ -43,12 +44,10 @@ def copy_bandwidth() -> float:
 
 def peak_mb(fn) -> float:
     torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    torch.cuda.empty_cache()  # cached blocks of earlier cases must not hide this call's allocations
+    with CudaPeak() as peak:
+        fn()
+    return peak.mb
 
 
 def floor_bytes(lr, st) -> int:

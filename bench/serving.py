@@ -1,10 +1,10 @@
 """Serving benchmark on CPU: our stack (engine direct, gateway) against the official serving path, in one run.
 
-    python -m loadtests.bench_serving --out BENCHMARKS.md       # ~10 min on a 2-core CPU; `make bench` runs it
+    python -m bench.serving --out BENCHMARKS.md       # ~10 min on a 2-core CPU; `make bench` runs it
 
 Phases, each with its own servers on loopback (stopped before the next phase, so nothing idles on the cores):
 
-1. baseline — loadtests/baselines/official_server.py (HF ``generate`` + streamer, batch 1, semaphore 5);
+1. baseline — bench/baselines/official_server.py (HF ``generate`` + streamer, batch 1, semaphore 5);
 2. stack — `mgm engine` + one `mgm sdxl-worker` + `mgm gateway`: the same closed-loop sweep against the engine
    directly and through the gateway (interleaved per level), open loop, the other scenarios (text only, not
    streaming, mixed any-to-any), and vLLM's own ``bench serve`` against the gateway and the engine;
@@ -14,7 +14,7 @@ Phases, each with its own servers on loopback (stopped before the next phase, so
 
 Same checkpoint (the tiny random Llama), same template, same images (distinct 64² PNG per request), same fixed
 output length (``ignore_eos``, 32 tokens) and the same client for every system. Everything goes to
-benchmarks/serving_cpu.json; loadtests/report.py renders BENCHMARKS.md sections and PNG plots from it.
+bench/results/serving_cpu.json; bench/report.py renders BENCHMARKS.md sections and PNG plots from it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from pathlib import Path
 
 import httpx
 
+from bench import report
+from bench.baselines import official_server
 from loadtests import stack
 from loadtests.loadgen import Bounds, run_level
 from loadtests.scenarios import Scenario
@@ -39,9 +41,9 @@ TINY_SDXL = Path(".cache/tiny-sdxl")
 #: A larger random checkpoint (~30 M LLM parameters instead of ~1 M), where the decoder's compute starts to count.
 SMALL = Path(".cache/small-mgm")
 SMALL_SPEC = {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "head_dim": 64, "intermediate_size": 1408}
-OUT_DIR = Path("benchmarks")
 LOGS = Path(".cache/bench-logs")  # servers' logs and vLLM's raw result files (not committed)
 PHASES = ("baseline", "stack", "sdxl", "hd", "small")
+RESULT = "serving_cpu"
 
 
 def requests_for(concurrency: int, per_level: int, cap: int) -> int:
@@ -50,9 +52,7 @@ def requests_for(concurrency: int, per_level: int, cap: int) -> int:
 
 
 def ensure_checkpoints() -> None:
-    from loadtests.stack import ensure_tiny
-
-    ensure_tiny(TINY)
+    stack.ensure_tiny(TINY)
     if not (TINY_HD / "config.json").exists():
         from engine.tiny import build_tiny
 
@@ -125,14 +125,13 @@ class Bench:
             self.save()
 
     def save(self) -> None:
-        OUT_DIR.mkdir(exist_ok=True)
-        Path(self.args.json).write_text(json.dumps(self.data, indent=1))
+        report.save(RESULT, self.data, self.args.results)
 
     # -- phases -------------------------------------------------------------------------------------------------
 
     def baseline(self) -> None:
         port, = free_ports(1)
-        with stack.running([stack.baseline(TINY, port, self.logs)]) as (child,):
+        with stack.running([official_server.child(TINY, port, self.logs)]) as (child,):
             base = stack.base_url(child)
             s = self.scenario("image", _model_id(base))
             self.warm(base, s)
@@ -171,7 +170,7 @@ class Bench:
                 self.data["vllm_bench"] = self.vllm_bench({"gateway": g_base, "engine": e_base}, model)
 
     def vllm_bench(self, bases: dict[str, str], model: str) -> dict:
-        from loadtests import vllm_bench
+        from bench import vllm_bench
 
         out = {}
         for name, base in bases.items():
@@ -222,7 +221,7 @@ class Bench:
         """Baseline and engine on the larger checkpoint, one image per request, at the ends of the sweep."""
         out: dict = {"spec": SMALL_SPEC}
         port, = free_ports(1)
-        with stack.running([stack.baseline(SMALL, port, self.logs)]) as (child,):
+        with stack.running([official_server.child(SMALL, port, self.logs)]) as (child,):
             base = stack.base_url(child)
             s = self.scenario("image", _model_id(base))
             self.warm(base, s)
@@ -280,7 +279,7 @@ def _batch_stats(worker: str) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="BENCHMARKS.md", help="markdown file whose sections are rewritten")
-    ap.add_argument("--json", default=str(OUT_DIR / "serving_cpu.json"))
+    ap.add_argument("--results", type=Path, default=report.RESULTS, help=f"where {RESULT}.json is written")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64])
     ap.add_argument("--rates", type=float, nargs="+", default=[8, 32, 64], help="open-loop request rates (req/s)")
     ap.add_argument("--per-level", type=int, default=2, help="closed loop: requests per unit of concurrency")
@@ -301,13 +300,12 @@ def main(argv: list[str] | None = None) -> None:
                     help="extra `mgm engine` argument, repeatable, e.g. --engine-arg=--cpu-threads-bind --engine-arg=0")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from loadtests.markdown import cpu_name
-
     ensure_checkpoints()
     bench = Bench(args)
-    bench.data["machine"] = cpu_name()
-    if Path(args.json).exists() and set(args.phases) != set(PHASES):
-        old = json.loads(Path(args.json).read_text())  # a partial re-run keeps the other phases' results
+    bench.data["machine"] = report.cpu_name()
+    stored = args.results / f"{RESULT}.json"
+    if stored.exists() and set(args.phases) != set(PHASES):
+        old = json.loads(stored.read_text())  # a partial re-run keeps the other phases' results
         bench.data = {**old, **{k: v for k, v in bench.data.items() if k != "phases_s"},
                       "phases_s": old.get("phases_s", {})}
     t0 = time.monotonic()
@@ -317,9 +315,7 @@ def main(argv: list[str] | None = None) -> None:
         bench.phase(name, steps[name])
     bench.data["total_s"] = round(time.monotonic() - t0, 1)
     bench.save()
-    from loadtests.report import render
-
-    render(Path(args.json), Path(args.out))
+    report.render(args.out, ["serving-cpu", "sdxl-pool-cpu"], args.results)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, CLIPVisionModel
 
 from engine.config import backbone_family
-from engine.prompt import IMAGE_TOKEN_INDEX, tokenize_official
+from engine.names import IMAGE_TOKEN_INDEX
+from engine.prompt import tokenize_official
 
 CLIP_PREFIX = "model.vision_tower.vision_tower.vision_model."  # transformers 5: CLIPVisionModel has no vision_model.
 VISION_PREFIXES = ("model.vision_tower.", "model.vision_tower_aux.", "model.mm_projector.", "model.vlm_uni_")
@@ -80,7 +81,8 @@ def reference_convnext(params: dict[str, torch.Tensor], depths, x: torch.Tensor,
 
 
 def expand2square(image: Image.Image, color: tuple[int, ...]) -> Image.Image:
-    """Official ``mgm/mm_utils.py`` expand2square."""
+    """Official ``mgm/mm_utils.py`` expand2square. Deliberately not engine/processor.py's: the reference shares no
+    preprocessing code with the serving path it checks."""
     width, height = image.size
     if width == height:
         return image

@@ -6,7 +6,7 @@ benchmark itself does not need that: this module builds the same argument parser
 (``vllm.benchmarks.serve.add_cli_args``) and calls ``vllm.benchmarks.serve.main`` — what ``vllm bench serve``
 runs. Run as a child process (vLLM's import is heavy and sets global state):
 
-    python -m loadtests.vllm_bench -- --backend openai-chat --base-url http://127.0.0.1:8000 ...
+    python -m bench.vllm_bench -- --backend openai-chat --base-url http://127.0.0.1:8000 ...
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def run(args: list[str], result: Path, log: Path, timeout: float = 300) -> dict:
     result.unlink(missing_ok=True)
     try:
         with open(log, "wb") as fh:
-            rc = subprocess.run([sys.executable, "-m", "loadtests.vllm_bench", "--", *args], stdout=fh,
+            rc = subprocess.run([sys.executable, "-m", "bench.vllm_bench", "--", *args], stdout=fh,
                                 stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s (log: {log})"}

@@ -4,9 +4,9 @@ honours the fixed output length, speaks the OpenAI stream shape the load generat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import threading
-import time
+from collections.abc import Iterator
 
 import pytest
 from support.live import uvicorn_thread
@@ -14,19 +14,29 @@ from support.live import uvicorn_thread
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
+@contextlib.contextmanager
+def _serve(worker, limit_model_concurrency: int) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """The baseline app around ``worker`` under a real uvicorn on loopback; yields its base URL."""
     import uvicorn
 
-    from engine.tiny import build_tiny
-    from loadtests.baselines.official_server import Worker, create_app
+    from bench.baselines.official_server import create_app
     from server.procs import free_port
+
+    port = free_port()
+    app = create_app(worker, limit_model_concurrency)
+    with uvicorn_thread(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")):
+        yield f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    from bench.baselines.official_server import Worker
+    from engine.tiny import build_tiny
 
     path = build_tiny(tmp_path_factory.mktemp("baseline") / "tiny", backbone="llama", hd=False, seed=0)
     worker = Worker(path)
-    port = free_port()
-    with uvicorn_thread(uvicorn.Config(create_app(worker, 5), host="127.0.0.1", port=port, log_level="warning")):
-        yield f"http://127.0.0.1:{port}", worker, path
+    with _serve(worker, 5) as base:
+        yield base, worker, path
 
 
 def _send(base: str, body: dict):  # type: ignore[no-untyped-def]
@@ -43,7 +53,7 @@ def test_greedy_stream_equals_float64_reference(baseline):
     from transformers import AutoTokenizer
 
     from engine.prompt import render_prompt
-    from loadtests.baselines.mgm_hf import MGMReference
+    from bench.baselines.mgm_hf import MGMReference
     from loadtests.scenarios import Scenario
 
     base, worker, path = baseline
@@ -55,7 +65,7 @@ def test_greedy_stream_equals_float64_reference(baseline):
     content = text["choices"][0]["message"]["content"]
     assert text["usage"]["completion_tokens"] == 8
 
-    from loadtests.baselines.official_server import decode_image
+    from bench.baselines.official_server import decode_image
 
     image = decode_image(req.body["messages"][0]["content"][0]["image_url"]["url"])
     ref = MGMReference(path, placeholder_id=0)  # float64
@@ -80,27 +90,12 @@ def test_bad_requests_get_openai_errors(baseline):
 def test_semaphore_survives_clients_that_leave(baseline):
     """With one slot, a client that drops its stream must not keep the slot: the next request is still served."""
     import httpx
-    import uvicorn
-
-    from loadtests.baselines.official_server import create_app
-    from server.procs import free_port
 
     _, worker, _ = baseline
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(worker, 1), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive()
-        time.sleep(0.02)
-    base = f"http://127.0.0.1:{port}"
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 64, "ignore_eos": True, "stream": True}
-    try:
+    with _serve(worker, 1) as base:
         for _ in range(3):
             with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=30) as r:
                 next(r.iter_lines())  # first event, then hang up
         result = _send(base, {**body, "max_tokens": 4, "stream_options": {"include_usage": True}})
         assert result.ok and result.output_tokens == 4
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)

@@ -1,22 +1,19 @@
 """Vision front end at the real MGM sizes (random weights): the official formulation against ours.
 
-    python -m engine.bench_encoder --out BENCHMARKS.md            # CPU, float32, own process per row
-    python -m engine.bench_encoder --device cuda --dtype bf16     # GPU images/s (engine/gpu_check.sh)
+    python -m bench.encoder --out BENCHMARKS.md                       # CPU, float32, own process per row
+    python -m bench.encoder --device cuda --dtype bf16 --json F.json  # GPU images/s (bench/gpu_check.sh)
 
 Front end = CLIP ViT-L/14-336 on the low-res views + ConvNeXt-L on the high-res image + patch info mining +
 mlp2x_gelu projector. The paths differ where the official code is wasteful: it runs all 24 CLIP layers and takes
 the second to last, builds the 2880-channel concatenated map and projects every high-res candidate; ours runs 23
-layers and hands the four stage maps to `kernels.mine_patches(impl="auto")`.
+layers and hands the four stage maps to `kernels.mine_patches(impl="auto")`. CPU results go to
+bench/results/encoder_cpu.json, GPU rows to --json; bench.report renders both sections.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from bench import report
+from bench.measure import CudaPeak, run_child, time_calls
+from bench.mining import mining_weights
 from engine.convnext import ConvNeXtTower
 from kernels import mine_patches
+
+MODULE = "bench.encoder"
 
 CLIP_L336 = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24,
                  image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5)
@@ -90,13 +92,8 @@ def build(layout: str, device: str, dtype: torch.dtype, *, clip: dict | None = N
     cfg = CLIPVisionConfig(**(clip or CLIP_L336))
     tower = CLIPVisionModel(cfg).eval()
     cnx = ConvNeXtTower(**(convnext or CONVNEXT_L))
-    C, Ca = cfg.hidden_size, sum(cnx.dims)
-    mining = {}
-    for p, width, out in (("query", C, C), ("aux", Ca, C), ("val", Ca, C)):
-        mining[f"vlm_uni_{p}_projector.0.weight"] = 1 + 0.1 * torch.randn(width)
-        mining[f"vlm_uni_{p}_projector.0.bias"] = 0.1 * torch.randn(width)
-        mining[f"vlm_uni_{p}_projector.1.weight"] = torch.randn(out, width) / width**0.5
-        mining[f"vlm_uni_{p}_projector.1.bias"] = 0.1 * torch.randn(out)
+    C = cfg.hidden_size
+    mining = mining_weights(C, sum(cnx.dims), C)  # MGM projects queries and keys to the CLIP width
     proj = nn.Sequential(nn.Linear(C, lm_hidden), nn.GELU(), nn.Linear(lm_hidden, lm_hidden))
     fe = FrontEnd(tower.to(device, dtype), cnx.to(device, dtype), {k: v.to(device, dtype) for k, v in mining.items()},
                   proj.to(device, dtype), cfg.image_size, g, glob)
@@ -108,68 +105,22 @@ def hr_size(fe: FrontEnd) -> int:
     return fe.image_grid * (fe.lr_size // fe.clip.config.patch_size) * 8 * 4
 
 
-def _rss_mb() -> float:
-    import resource
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
 def _child(layout: str, path: str, repeats: int) -> dict:
     """CPU measurement of one (layout, path) in its own process: median time and peak resident memory."""
-    import threading
     fe = build(layout, "cpu", torch.float32)
     hr = torch.randn(1, 3, hr_size(fe), hr_size(fe))
     fn = getattr(fe, path)
-    before, peak, done = _rss_mb(), [0.0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_mb())
-            time.sleep(0.001)
-
-    t = threading.Thread(target=sample, daemon=True)
     with torch.inference_mode():
-        t.start()
-        t0 = time.perf_counter()
-        fn(hr)
-        times = [time.perf_counter() - t0]
-        done.set()
-        t.join()
-        for _ in range(repeats - 1):
-            t0 = time.perf_counter()
-            fn(hr)
-            times.append(time.perf_counter() - t0)
-    return {"layout": layout, "path": path, "median_s": statistics.median(times), "times_s": times,
-            "peak_mb": max(peak[0] - before, 0.0)}
+        return {"layout": layout, "path": path, **time_calls(lambda: fn(hr), repeats, interval_s=0.001)}
 
 
-def cpu_table(out: str, repeats: int) -> str:
+def cpu_table(out: str, repeats: int, layouts: list[str]) -> str:
     from tqdm import tqdm
 
-    from loadtests.markdown import cpu_name, markdown_table, update_section
-    results = []
-    for layout in tqdm(LAYOUTS, desc="encoder bench"):
-        for path in ("official", "ours"):
-            res = subprocess.run([sys.executable, "-m", "engine.bench_encoder", "--child", layout, path, str(repeats)],
-                                 check=True, capture_output=True, text=True)
-            results.append(json.loads(res.stdout.strip().splitlines()[-1]))
-    Path("benchmarks").mkdir(exist_ok=True)
-    Path("benchmarks/encoder_cpu.json").write_text(json.dumps(results, indent=1))
-    rows = []
-    for layout in LAYOUTS:
-        off, ours = (next(r for r in results if r["layout"] == layout and r["path"] == p) for p in ("official", "ours"))
-        for r in (off, ours):
-            rows.append([layout, r["path"], f"{r['median_s']:.2f}", f"{off['median_s'] / r['median_s']:.2f}x",
-                         f"{r['peak_mb']:.0f}", f"{off['peak_mb'] / max(r['peak_mb'], 1e-9):.1f}x"])
-    body = ("## Vision front end, CPU\n\n"
-            f"Machine: {cpu_name()}; torch {torch.__version__}; float32, one image, random weights at the real "
-            "sizes (CLIP ViT-L/14-336, ConvNeXt-L, mining, mlp2x_gelu to 4096). Median of "
-            f"{repeats} runs; peak = resident memory above the level before the call (own process per row). "
-            "`python -m engine.bench_encoder`.\n\n"
-            + markdown_table(["layout", "path", "median (s)", "speed-up", "peak extra (MB)", "memory vs official"], rows)
-            + "\n\nTarget: HD peak memory <= 1/8 of the official path.\n")
-    update_section(out, "encoder-cpu", body)
-    return body
+    rows = [run_child(MODULE, layout, path, repeats) for layout in tqdm(layouts, desc="encoder bench")
+            for path in ("official", "ours")]
+    report.save("encoder_cpu", {"machine": report.cpu_name(), "torch": torch.__version__, "rows": rows})
+    return report.render(out, ["encoder-cpu"])
 
 
 def gpu_images_per_s(dtype: torch.dtype) -> list[dict]:
@@ -183,13 +134,10 @@ def gpu_images_per_s(dtype: torch.dtype) -> list[dict]:
             fn = getattr(fe, path)
             with torch.inference_mode():
                 fn(hr)
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                ms = triton.testing.do_bench(lambda: fn(hr), warmup=10, rep=60, return_mode="median")
-                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+                with CudaPeak() as peak:
+                    ms = triton.testing.do_bench(lambda: fn(hr), warmup=10, rep=60, return_mode="median")
             rows.append({"layout": layout, "batch": batch, "path": path, "ms": ms, "images_per_s": batch / ms * 1e3,
-                         "peak_mb": peak, "device": torch.cuda.get_device_name(), "dtype": str(dtype)})
+                         "peak_mb": peak.mb, "device": torch.cuda.get_device_name(), "dtype": str(dtype)})
             print(json.dumps(rows[-1]), flush=True)
         torch.cuda.empty_cache()
     return rows
@@ -202,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="BENCHMARKS.md")
     ap.add_argument("--json", default=None, help="GPU: write the rows here")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS), help="CPU only")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -212,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
     else:
-        print(cpu_table(args.out, args.repeats))
+        print(cpu_table(args.out, args.repeats, args.layouts))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """SDXL UNet denoising-step time at real size with random weights (no download): the GPU part of the SDXL pool's
-cost model. Part of loadtests/gpu_check.sh; never run in CI.
+cost model. Part of bench/gpu_check.sh; never run in CI.
 
-    python3 -m loadtests.gpu_sdxl --json OUT/sdxl_gpu.json            # CUDA, bf16, 1024², SDPA attention
+    python3 -m bench.sdxl_gpu --json OUT/sdxl_gpu.json            # CUDA, bf16, 1024², SDPA attention
 
 The UNet is built from SDXL base 1.0's ``unet/config.json`` values (written out below; 2.567 B parameters, checked)
 and initialised randomly — step time does not depend on the weights' values. One UNet call with classifier-free
@@ -11,10 +11,13 @@ guidance runs on 2 × images latents (conditional + unconditional), as ``StableD
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
 from typing import Any
+
+from bench.measure import CudaPeak
 
 #: stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the non-default entries).
 SDXL_UNET: dict[str, Any] = {
@@ -95,14 +98,12 @@ def measure(config: dict[str, Any], device: str, dtype_name: str, side: int, ima
     rows = []
     for n in images:
         inputs = unet_inputs(config, 2 * n, side, device, dtype)  # guidance: conditional + unconditional
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        ms = time_step(unet, inputs, warmup, iters)
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else None
+        peak = CudaPeak() if device == "cuda" else contextlib.nullcontext()
+        with peak:
+            ms = time_step(unet, inputs, warmup, iters)
         rows.append({"images": n, "unet_batch": 2 * n, "ms_per_step": ms, "ms_per_step_per_image": ms / n,
-                     f"images_per_s_{steps}_steps": 1000 * n / (ms * steps), "peak_extra_mb": peak})
+                     f"images_per_s_{steps}_steps": 1000 * n / (ms * steps),
+                     "peak_extra_mb": peak.mb if isinstance(peak, CudaPeak) else None})
         print(json.dumps(rows[-1]), flush=True)
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     import diffusers

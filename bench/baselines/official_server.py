@@ -5,14 +5,14 @@ The official ``mgm/serve/model_worker.py`` is a FastAPI app that, per request, a
 iterates it in its thread pool) that preprocesses the image, starts ``model.generate(..., streamer=
 TextIteratorStreamer)`` in a ``threading.Thread`` — batch size 1, one HF ``generate`` per request — and yields the
 streamer's text; the semaphore is released in a background task once the response is sent. This module does the
-same around :class:`loadtests.baselines.mgm_hf.MGMReference` at serving precision (float32 on CPU; the official
+same around :class:`bench.baselines.mgm_hf.MGMReference` at serving precision (float32 on CPU; the official
 fp16 has no fast CPU kernels), with the prompt built by the official template and ``tokenizer_image_token`` rule.
 
 Only the wire format differs: OpenAI ``/v1/chat/completions`` (SSE deltas, ``stream_options.include_usage``)
 instead of the worker's NUL-separated JSON, so the same load generator drives both stacks. ``ignore_eos`` maps to
 HF ``min_new_tokens = max_tokens`` (the same fixed output length as vLLM's ``ignore_eos``).
 
-    python -m loadtests.baselines.official_server --model DIR --port 8010 [--limit-model-concurrency 5]
+    python -m bench.baselines.official_server --model DIR --port 8010 [--limit-model-concurrency 5]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import base64
 import io
 import json
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -34,6 +35,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
+
+from server.errors import APIError
+from server.gateway import sse
+from server.procs import Child
 
 logger = logging.getLogger("mgm.baseline")
 
@@ -101,7 +106,7 @@ class Worker:
 
         from engine.config import register_configs
         from engine.prompt import choose_template, stop_token_ids
-        from loadtests.baselines.mgm_hf import MGMReference
+        from bench.baselines.mgm_hf import MGMReference
 
         register_configs()
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -150,11 +155,6 @@ class Worker:
             raise RuntimeError(f"generation failed: {failure[0]}")
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}},
-                        status_code=status)
-
-
 def create_app(worker: Worker, limit_model_concurrency: int = 5) -> FastAPI:
     app = FastAPI(title="MGM official serving path (baseline)")
     semaphore = asyncio.Semaphore(limit_model_concurrency)
@@ -175,7 +175,7 @@ def create_app(worker: Worker, limit_model_concurrency: int = 5) -> FastAPI:
                 raise BadRequest("the body must be a JSON object")
             job = parse_job(body, worker.template)
         except (BadRequest, json.JSONDecodeError) as exc:
-            return _error(400, str(exc))
+            return APIError(400, str(exc)).response()
         created, rid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
         usage: dict[str, int] = {}
         await semaphore.acquire()  # released once the response is sent, as the official worker does
@@ -190,18 +190,18 @@ def create_app(worker: Worker, limit_model_concurrency: int = 5) -> FastAPI:
                 text = await asyncio.to_thread(lambda: "".join(worker.generate_stream(job, usage)))
             except RuntimeError as exc:
                 release()
-                return _error(500, str(exc), "server_error")
+                return APIError(500, str(exc)).response()
             return JSONResponse({
                 "id": rid, "object": "chat.completion", "created": created, "model": worker.name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}],
                 "usage": {**usage, "total_tokens": sum(usage.values())}}, background=BackgroundTask(release))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
-        def sse() -> Iterator[str]:  # sync: Starlette runs it in its thread pool, like the worker's generator
-            def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
-                return "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
-                                              "model": worker.name, "choices": [
-                                                  {"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"
+        def stream() -> Iterator[bytes]:  # sync: Starlette runs it in its thread pool, like the worker's generator
+            def chunk(delta: dict[str, Any] | None, finish: str | None = None, **extra: Any) -> bytes:
+                choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+                return sse.encode({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                   "model": worker.name, "choices": choices, **extra})
             first = True
             try:
                 for piece in worker.generate_stream(job, usage):
@@ -209,18 +209,23 @@ def create_app(worker: Worker, limit_model_concurrency: int = 5) -> FastAPI:
                     first = False
                 yield chunk({}, "length")
                 if include_usage:
-                    yield "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
-                                                 "model": worker.name, "choices": [],
-                                                 "usage": {**usage, "total_tokens": sum(usage.values())}}) + "\n\n"
+                    yield chunk(None, usage={**usage, "total_tokens": sum(usage.values())})
             except RuntimeError as exc:
-                yield "data: " + json.dumps({"error": {"message": str(exc), "type": "server_error"}}) + "\n\n"
+                yield sse.encode(APIError(500, str(exc)).body())
             finally:  # also when the client went away mid-stream (the background task then never runs)
                 release()
-            yield "data: [DONE]\n\n"
+            yield sse.DONE_EVENT
 
-        return StreamingResponse(sse(), media_type="text/event-stream", background=BackgroundTask(release))
+        return StreamingResponse(stream(), media_type="text/event-stream", background=BackgroundTask(release))
 
     return app
+
+
+def child(model: Path, port: int, logs: Path, concurrency: int = 5) -> Child:
+    """This server as a child process on loopback (loadtests.stack runs it like the servers of our stack)."""
+    argv = [sys.executable, "-m", "bench.baselines.official_server", "--model", str(model), "--port", str(port),
+            "--limit-model-concurrency", str(concurrency)]
+    return Child("baseline", argv, logs / "baseline.log", ready_url=f"http://127.0.0.1:{port}/health")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from engine.bench_encoder import build, hr_size
+from bench.encoder import build, hr_size
 
 TINY_CLIP = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_hidden_layers=3, image_size=56,
                  patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5)

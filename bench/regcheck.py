@@ -1,9 +1,9 @@
 """Register and spill report of the Triton kernels for a Hopper GPU, computed on a machine without one.
 
-    python -m kernels.regcheck            # every (stage footprint, warps) the 768 px and HD layouts launch
+    python -m bench.regcheck            # every (stage footprint, warps) the 768 px and HD layouts launch
 
 Compiles with triton for sm_90a and runs the ptxas shipped in the triton wheel with -v: a kernel that spills here
-spills on the GPU. Used to size BLOCK_C / NUM_WARPS in triton_impl.py without spending device time.
+spills on the GPU. Used to size BLOCK_C / NUM_WARPS in kernels/triton_impl.py without spending device time.
 """
 
 from __future__ import annotations
