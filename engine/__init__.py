@@ -18,7 +18,8 @@ def register() -> None:
     """
     from vllm import ModelRegistry
 
-    from engine.config import ARCHITECTURE_TO_FAMILY, register_configs
+    from engine.config import register_configs
+    from engine.names import ARCHITECTURE_TO_FAMILY
 
     register_configs()
     supported = set(ModelRegistry.get_supported_archs())

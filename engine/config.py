@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from transformers import AutoConfig, CLIPVisionConfig, GemmaConfig, LlamaConfig, MixtralConfig
 
-logger = logging.getLogger(__name__)
+from engine.names import ARCHITECTURE_TO_FAMILY, MODEL_TYPE_TO_FAMILY, Family
 
-Family = Literal["llama", "gemma", "mixtral"]
+logger = logging.getLogger(__name__)
 
 #: The CLIP tower every released MGM uses (openai/clip-vit-large-patch14-336, mgm.md §4).
 CLIP_VIT_L_336: dict[str, Any] = {
@@ -45,32 +45,6 @@ CONVNEXT_LARGE: dict[str, list[int]] = {"depths": [3, 3, 27, 3], "dims": [192, 3
 
 #: ConvNeXt stem: Conv2d(k=4, s=4), so the stage-0 map is the HR input divided by 4.
 CONVNEXT_STEM_STRIDE = 4
-
-MODEL_TYPE_TO_FAMILY: dict[str, Family] = {
-    "mgm": "llama",
-    "mgm_gemma": "gemma",
-    "mgm_mixtral": "mixtral",
-    "mini_gemini": "llama",
-    "mini_gemini_gemma": "gemma",
-    "mini_gemini_mixtral": "mixtral",
-}
-
-#: The six architecture strings a plugin must register (exact keys of ``config.json["architectures"]``).
-ARCHITECTURE_TO_FAMILY: dict[str, Family] = {
-    "MGMLlamaForCausalLM": "llama",
-    "MGMGemmaForCausalLM": "gemma",
-    "MGMMixtralForCausalLM": "mixtral",
-    "MiniGeminiLlamaForCausalLM": "llama",
-    "MiniGeminiGemmaForCausalLM": "gemma",
-    "MiniGeminiMixtralForCausalLM": "mixtral",
-}
-
-#: The plain text-only architecture serving the LLM part of each family.
-FAMILY_TO_TEXT_ARCHITECTURE: dict[Family, str] = {
-    "llama": "LlamaForCausalLM",
-    "gemma": "GemmaForCausalLM",
-    "mixtral": "MixtralForCausalLM",
-}
 
 
 @dataclass(frozen=True)

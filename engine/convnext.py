@@ -18,8 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.reference import concat_stages  # noqa: F401  (the official 2880-channel map, for parity tests)
-
 LN_EPS = 1e-6  # timm ConvNeXt uses 1e-6 for every norm
 # The block MLP is pointwise, so it runs in slabs of rows: its 4x-wide hidden activations would otherwise set the
 # tower's peak memory (768 x 384 x 384 values per HD image at stage 0).
@@ -111,10 +109,6 @@ class ConvNeXtTower(nn.Module):
         """Build from an MGM config (``vision_aux_config`` or ConvNeXt-L)."""
         spec = config.convnext_spec()
         return cls(spec.depths, spec.dims)
-
-    @property
-    def hidden_size(self) -> int:
-        return sum(self.dims)
 
     def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         x = self.vision_stem(pixels.to(self.vision_stem[0].weight.dtype))

@@ -16,7 +16,7 @@ N in-vocabulary placeholder ids (the embeddings are merged by position, so their
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
 
 import torch
@@ -49,7 +49,6 @@ from vllm.sequence import IntermediateTensors
 
 import kernels
 from engine.config import (
-    FAMILY_TO_TEXT_ARCHITECTURE,
     MGMAnyConfig,
     VisionGeometry,
     backbone_family,
@@ -57,9 +56,10 @@ from engine.config import (
     validate_mm_config,
 )
 from engine.convnext import ConvNeXtTower
+from engine.names import FAMILY_TO_TEXT_ARCHITECTURE, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
 from engine.processor import MGMImageProcessor
-from engine.prompt import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, retokenize_official
-from engine.tiny import official_weight_layout
+from engine.prompt import retokenize_official
+from engine.weights import StrictWeights
 
 #: Images per ConvNeXt + mining pass, to bound encoder memory: ConvNeXt-L's stage-0 MLP alone holds 768×384²
 #: activations (0.23 GB in fp16) per HD image.
@@ -205,9 +205,6 @@ def _ln_linear(width: int, out: int) -> nn.Sequential:
 
 _MINING_PROJECTORS = ("query", "aux", "val")
 
-#: Checkpoint buffers that some saves contain and no module needs (recomputed at load time).
-_HARMLESS_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")
-
 
 @MULTIMODAL_REGISTRY.register_processor(
     MGMMultiModalProcessor, info=MGMProcessingInfo, dummy_inputs=MGMDummyInputsBuilder
@@ -332,17 +329,6 @@ class MGMForCausalLM(nn.Module, SupportsMultiModal, SupportsPP):
 
     # -- weights ------------------------------------------------------------------------------------------------
 
-    def _skipped_keys(self, layout: Mapping[str, object]) -> set[str]:
-        """Official keys that are read and deliberately not loaded."""
-        clip_prefix = "model.vision_tower.vision_tower.vision_model."
-        kept_layers = clip_layers_needed(self.config)
-        skipped = {clip_prefix + "post_layernorm.weight", clip_prefix + "post_layernorm.bias"}
-        for key in layout:
-            if key.startswith(clip_prefix + "encoder.layers."):
-                if int(key[len(clip_prefix + "encoder.layers."):].split(".")[0]) >= kept_layers:
-                    skipped.add(key)  # CLIP layers after mm_vision_select_layer never run
-        return skipped
-
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load an official checkpoint strictly: every tensor is loaded or deliberately skipped; an unknown,
         duplicate or mis-shaped key, or a missing one, raises ``ValueError`` naming it.
@@ -352,30 +338,7 @@ class MGMForCausalLM(nn.Module, SupportsMultiModal, SupportsPP):
         is loaded here, and re-tied after loading if it equals ``embed_tokens``; a *different* stored head is
         used, with vLLM's warning — the rule of transformers 5 as well. Only a tied config may omit it.
         """
-        layout = {name: shape for name, (shape, _) in official_weight_layout(self.config).items()}
-        skipped = self._skipped_keys(layout)
-        optional = {"lm_head.weight"} if self.config.tie_word_embeddings else set()
-        seen: set[str] = set()
-
-        def checked() -> Iterator[tuple[str, torch.Tensor]]:
-            for name, tensor in weights:
-                if name not in layout:
-                    if name.endswith(_HARMLESS_SUFFIXES):
-                        continue
-                    raise ValueError(f"unexpected tensor {name!r} in the checkpoint: not part of the official MGM "
-                                     f"layout for this config ({type(self.config).__name__}, {self.family})")
-                if name in seen:
-                    raise ValueError(f"tensor {name!r} appears twice in the checkpoint")
-                if tuple(tensor.shape) != tuple(layout[name]):
-                    raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected "
-                                     f"{tuple(layout[name])} from config.json")
-                seen.add(name)
-                if name not in skipped:
-                    yield name, tensor
-
-        loaded = AutoWeightsLoader(self).load_weights(checked(), mapper=self.hf_to_vllm_mapper)
-        missing = sorted(set(layout) - seen - optional)
-        if missing:
-            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {missing[:5]}{more}")
+        strict = StrictWeights(self.config)
+        loaded = AutoWeightsLoader(self).load_weights(strict.filter(weights), mapper=self.hf_to_vllm_mapper)
+        strict.check_complete()
         return loaded

@@ -1,25 +1,22 @@
 """MGM conversation templates, OpenAI-style message rendering and the official chunk-wise tokenisation.
 
-The five templates reproduce the strings of the official ``conversation.py`` (mgm.md §6), including its quirks:
-the LLaMA-3 template uses the ``system`` header for the assistant role, ChatML has no newline after
-``<|im_end|>``, Gemma closes an answer with ``<end_of_turn>\\n<eos>``. Images become ``"<image>\\n"`` at the start
-of the user turn that carries them (training put the image first). The LLM tokenizers have no ``<image>``
-token; :func:`tokenize_official` splits on the literal string like ``tokenizer_image_token`` does.
+The five templates reproduce the strings of the official ``conversation.py`` (docs/mgm.md §6), including its
+quirks: the LLaMA-3 template uses the ``system`` header for the assistant role, ChatML has no newline after
+``<|im_end|>``, Gemma closes an answer with ``<end_of_turn>\\n<eos>``. Each is described once, as a
+:class:`ConvTemplate`; both the Python renderer (:func:`render_prompt`) and the Jinja chat template
+(:func:`chat_template`) are generated from that description. Images become ``"<image>\\n"`` at the start of the
+user turn that carries them (training put the image first). The LLM tokenizers have no ``<image>`` token;
+:func:`tokenize_official` splits on the literal string like ``tokenizer_image_token`` does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from engine.config import MODEL_TYPE_TO_FAMILY
-
-IMAGE_PLACEHOLDER = "<image>"
-#: Official id of the image slot in ``input_ids`` (constants.IMAGE_TOKEN_INDEX).
-IMAGE_TOKEN_INDEX = -200
-#: Appended to the user text to ask for an SDXL prompt (mgm.md §7); plain text, not a special token.
-GEN_SUFFIX = " <GEN>"
+from engine.names import GEN_SUFFIX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, MODEL_TYPE_TO_FAMILY
 
 IMAGE_PART_TYPES = frozenset({"image", "image_url", "input_image", "image_pil", "image_embeds"})
 TEXT_PART_TYPES = frozenset({"text", "input_text"})
@@ -28,21 +25,61 @@ Message = Mapping[str, Any]
 
 
 @dataclass(frozen=True)
+class Affix:
+    """What a template writes around a piece of text."""
+
+    prefix: str
+    suffix: str
+
+    def wrap(self, text: str) -> str:
+        return self.prefix + text + self.suffix
+
+
+@dataclass(frozen=True)
 class ConvTemplate:
+    """One conversation template, described once; :meth:`render` and :func:`chat_template` (Jinja) both read it.
+
+    A conversation is rendered as ``[system slot] turn turn … [generation prompt]``, each turn its role's
+    ``prefix + text + suffix``, every user turn after the first preceded by ``later_user_prefix``.
+    """
+
     name: str
-    default_system: str
+    user: Affix
+    assistant: Affix
     stop: tuple[str, ...]
-    render: Callable[[str | None, list[tuple[str, str]], bool], str]
-    #: No system slot: a system message goes into the first user turn, after its images, + "\n\n".
-    merge_system: bool = False
+    #: Wraps the system text (the caller's, or ``default_system`` when there is no system message).
+    system: Affix
+    #: ``"slot"``: the wrapped system text opens every prompt. Templates without a system slot merge a caller's
+    #: non-empty system text into the first user turn, in front of its text: ``"before_images"`` in front of its
+    #: ``"<image>\n"`` lines as well, ``"after_images"`` behind them (as Gemma's own template merges it).
+    system_placement: Literal["slot", "before_images", "after_images"] = "slot"
+    default_system: str = ""
+    later_user_prefix: str = ""
+    #: The open assistant header appended for generation; None = ``assistant.prefix``.
+    generation_prompt: str | None = None
 
-    def __call__(self, system: str | None, turns: list[tuple[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.render(system, turns, add_generation_prompt)
+    @property
+    def merge_system(self) -> bool:
+        """No system slot: a system message goes into the first user turn."""
+        return self.system_placement != "slot"
 
+    @property
+    def open_assistant(self) -> str:
+        return self.assistant.prefix if self.generation_prompt is None else self.generation_prompt
 
-# Each renderer gets the system text (None = template default) and the alternating (role, text) turns,
-# role in {"user", "assistant"}, first turn "user". An open assistant header is appended when
-# add_generation_prompt and the last turn is the user's.
+    def render(self, system: str | None, turns: list[tuple[str, str]], add_generation_prompt: bool = True) -> str:
+        """``turns``: alternating (role, text), role in {"user", "assistant"}, first "user", a merged system text
+        already inside the first turn; ``system``: the slot's text (None = ``default_system``)."""
+        out = self.system.wrap(self.default_system if system is None else system) if not self.merge_system else ""
+        for i, (role, text) in enumerate(turns):
+            if role == "user":
+                out += (self.later_user_prefix if i else "") + self.user.wrap(text)
+            else:
+                out += self.assistant.wrap(text)
+        if add_generation_prompt and turns[-1][0] == "user":
+            out += self.open_assistant
+        return out
+
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -54,80 +91,63 @@ LLAMA3_SYSTEM = (
 )
 CHATML_SYSTEM = "Answer the questions."
 
-
-def _render_vicuna(system: str | None, turns: list[tuple[str, str]], gen: bool) -> str:
-    # "TWO" style: system + " ", "USER: q ", "ASSISTANT: a</s>", open slot "ASSISTANT:".
-    out = (VICUNA_SYSTEM if system is None else system) + " "
-    for role, text in turns:
-        out += f"USER: {text} " if role == "user" else f"ASSISTANT: {text}</s>"
-    if gen and turns[-1][0] == "user":
-        out += "ASSISTANT:"
-    return out
-
-
-def _render_gemma(system: str | None, turns: list[tuple[str, str]], gen: bool) -> str:
-    # The official template has an empty system slot and Gemma has no system role: a caller's system text has
-    # already been merged into the first user turn (ConvTemplate.merge_system), as Gemma's own template does.
-    out = ""
-    for role, text in turns:
-        if role == "user":
-            out += f"<start_of_turn>user\n{text}<end_of_turn>\n"
-        else:
-            out += f"<start_of_turn>model\n{text}<end_of_turn>\n<eos>"
-    if gen and turns[-1][0] == "user":
-        out += "<start_of_turn>model\n"
-    return out
-
-
-def _render_mistral(system: str | None, turns: list[tuple[str, str]], gen: bool) -> str:
-    # LLAMA_2 style with an empty default system: "[INST] q [/INST]", answers " a </s>", later turns "<s>[INST] …".
-    # A caller's system text uses the LLAMA_2 <<SYS>> wrapper inside the first [INST].
-    out = ""
-    for i, (role, text) in enumerate(turns):
-        if role == "user":
-            if i == 0 and system:
-                text = f"<<SYS>>\n{system}\n<</SYS>>\n\n{text}"
-            out += ("" if i == 0 else "<s>") + f"[INST] {text} [/INST]"
-        else:
-            out += f" {text} </s>"
-    return out  # the open assistant slot is the end of "[/INST]" itself
-
-
-def _mpt(system_header: str, default_system: str, user: str, assistant: str, sep: str):  # type: ignore[no-untyped-def]
-    def render(system: str | None, turns: list[tuple[str, str]], gen: bool) -> str:
-        out = system_header + (default_system if system is None else system) + sep
-        for role, text in turns:
-            out += (user if role == "user" else assistant) + text + sep
-        if gen and turns[-1][0] == "user":
-            out += assistant
-        return out
-
-    return render
-
+_LLAMA3_SYSTEM_HEADER = "<|start_header_id|>system<|end_header_id|>\n\n"
 
 TEMPLATES: dict[str, ConvTemplate] = {
-    "vicuna_v1": ConvTemplate("vicuna_v1", VICUNA_SYSTEM, ("</s>",), _render_vicuna),
-    "gemma": ConvTemplate("gemma", "", ("<end_of_turn>", "<eos>"), _render_gemma, merge_system=True),
-    "mistral_instruct": ConvTemplate("mistral_instruct", "", ("</s>",), _render_mistral),
-    "chatml_direct": ConvTemplate(
-        "chatml_direct",
-        CHATML_SYSTEM,
-        ("<|im_end|>",),
-        _mpt("<|im_start|>system\n", CHATML_SYSTEM, "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>"),
-    ),
-    "llama_3": ConvTemplate(
-        "llama_3",
-        LLAMA3_SYSTEM,
-        ("<|eot_id|>",),
-        _mpt(
-            "<|start_header_id|>system<|end_header_id|>\n\n",
-            LLAMA3_SYSTEM,
-            "<|start_header_id|>user<|end_header_id|>\n\n",
-            # Not a typo: MGM-8B was trained with the *system* header in front of answers (mgm.md §6).
-            "<|start_header_id|>system<|end_header_id|>\n\n",
-            "<|eot_id|>",
+    template.name: template
+    for template in (
+        # Official "TWO" style: system + " ", "USER: q ", "ASSISTANT: a</s>", open slot "ASSISTANT:" (no space).
+        ConvTemplate(
+            "vicuna_v1",
+            user=Affix("USER: ", " "),
+            assistant=Affix("ASSISTANT: ", "</s>"),
+            stop=("</s>",),
+            system=Affix("", " "),
+            default_system=VICUNA_SYSTEM,
+            generation_prompt="ASSISTANT:",
         ),
-    ),
+        # Empty system slot officially, and Gemma has no system role: merged into the first user turn. An answer
+        # closes with "<end_of_turn>\n<eos>".
+        ConvTemplate(
+            "gemma",
+            user=Affix("<start_of_turn>user\n", "<end_of_turn>\n"),
+            assistant=Affix("<start_of_turn>model\n", "<end_of_turn>\n<eos>"),
+            stop=("<end_of_turn>", "<eos>"),
+            system=Affix("", "\n\n"),
+            system_placement="after_images",
+        ),
+        # LLAMA_2 style with an empty default system: "[INST] q [/INST]", answers " a </s>", later turns
+        # "<s>[INST] …"; a caller's system text gets the <<SYS>> wrapper inside the first [INST]. The open assistant
+        # slot is the end of "[/INST]" itself.
+        ConvTemplate(
+            "mistral_instruct",
+            user=Affix("[INST] ", " [/INST]"),
+            assistant=Affix(" ", " </s>"),
+            stop=("</s>",),
+            system=Affix("<<SYS>>\n", "\n<</SYS>>\n\n"),
+            system_placement="before_images",
+            later_user_prefix="<s>",
+            generation_prompt="",
+        ),
+        # MPT style; no newline after <|im_end|>.
+        ConvTemplate(
+            "chatml_direct",
+            user=Affix("<|im_start|>user\n", "<|im_end|>"),
+            assistant=Affix("<|im_start|>assistant\n", "<|im_end|>"),
+            stop=("<|im_end|>",),
+            system=Affix("<|im_start|>system\n", "<|im_end|>"),
+            default_system=CHATML_SYSTEM,
+        ),
+        # MPT style. Not a typo: MGM-8B was trained with the *system* header in front of answers (docs/mgm.md §6).
+        ConvTemplate(
+            "llama_3",
+            user=Affix("<|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|>"),
+            assistant=Affix(_LLAMA3_SYSTEM_HEADER, "<|eot_id|>"),
+            stop=("<|eot_id|>",),
+            system=Affix(_LLAMA3_SYSTEM_HEADER, "<|eot_id|>"),
+            default_system=LLAMA3_SYSTEM,
+        ),
+    )
 }
 
 
@@ -195,8 +215,8 @@ def _turns(
         if n_images and role != "user":
             raise ValueError("images are only allowed in user messages")
         if i == 0 and system and template.merge_system:
-            head = n_images * len(IMAGE_PLACEHOLDER + "\n")
-            text = text[:head] + system + "\n\n" + text[head:]
+            head = n_images * len(IMAGE_PLACEHOLDER + "\n") if template.system_placement == "after_images" else 0
+            text = text[:head] + template.system.wrap(system) + text[head:]
         turns.append((role, text))
     if not turns:
         raise ValueError("messages need at least one user message")
@@ -216,16 +236,11 @@ def render_prompt(
     """Render chat messages into the official MGM prompt string.
 
     ``generate_image`` appends :data:`GEN_SUFFIX` to the last user text, as the official CLI does with ``--gen``
-    (the worker's insertion point is buggy for most templates, mgm.md §7, so the CLI behaviour is the reference).
+    (the worker's insertion point is buggy for most templates, docs/mgm.md §7, so the CLI behaviour is the reference).
     """
     conv = get_template(template)
     system, turns = _turns(messages, conv, generate_image)
-    return conv(system, turns, add_generation_prompt)
-
-
-def with_gen_suffix(text: str) -> str:
-    """User text asking for an image (official CLI: ``inp + ' <GEN>'``)."""
-    return text if text.endswith(GEN_SUFFIX) else text + GEN_SUFFIX
+    return conv.render(system, turns, add_generation_prompt)
 
 
 def _vocab_has(tokenizer_or_vocab: Any, token: str) -> bool:
@@ -297,106 +312,88 @@ def tokenize_official(
     return ids, positions
 
 
-def count_images(prompt: str) -> int:
-    return prompt.count(IMAGE_PLACEHOLDER)
-
-
-def expand_image_tokens(
-    ids: Iterable[int], tokens_per_image: int, placeholder_id: int, image_token_id: int = IMAGE_TOKEN_INDEX
-) -> list[int]:
-    """Replace each image slot by ``tokens_per_image`` copies of ``placeholder_id`` (the layout the LLM sees)."""
-    out: list[int] = []
-    for i in ids:
-        out.extend([placeholder_id] * tokens_per_image if i == image_token_id else [i])
-    return out
-
-
 # --- Jinja chat templates ------------------------------------------------------------------------------------------
-# The same five templates for tokenizers (``chat_template.jinja``) and for ``vllm serve --chat-template``. The
-# content loop makes vLLM pass OpenAI-style parts, so images are rendered here as "<image>\n" in front of the text.
-# (The ``generate_image`` suffix is a server option, not part of the template.)
+# The same templates for tokenizers (``chat_template.jinja``) and for ``vllm serve --chat-template``, generated from
+# the ConvTemplate descriptions above. The content loop makes vLLM pass OpenAI-style parts, so images are rendered
+# here as "<image>\n" in front of the text. (The ``generate_image`` suffix is a server option, not part of the
+# template.)
 
-_JINJA_COMMON = """
-{%- macro images(c) -%}
-{%- if c is not string and c is not none -%}
-{%- for p in c -%}
-{%- if p['type'] in ['image', 'image_url', 'input_image', 'image_pil', 'image_embeds'] -%}{{- '<image>\\n' -}}{%- endif -%}
-{%- endfor -%}
-{%- endif -%}
-{%- endmacro -%}
-{%- macro body(c) -%}
-{%- if c is string -%}{{- c -}}
-{%- elif c is not none -%}{{- c | selectattr('type', 'in', ['text', 'input_text']) | map(attribute='text') | join('\\n') -}}
-{%- endif -%}
-{%- endmacro -%}
-{%- if messages[0]['role'] == 'system' -%}
-{%- set sys = body(messages[0]['content']) -%}
-{%- set msgs = messages[1:] -%}
-{%- else -%}
-{%- set sys = none -%}
-{%- set msgs = messages -%}
-{%- endif -%}
-"""
+
+def _lit(text: str) -> str:
+    """A Jinja string literal (Jinja decodes the JSON escapes as Python's unicode-escape does)."""
+    return json.dumps(text)
+
+
+def _list(values: Iterable[str]) -> str:
+    return "[" + ", ".join(_lit(v) for v in sorted(values)) + "]"
+
+
+_JINJA_COMMON = f"""
+{{%- macro images(c) -%}}
+{{%- if c is not string and c is not none -%}}
+{{%- for p in c -%}}
+{{%- if p['type'] in {_list(IMAGE_PART_TYPES)} -%}}{{{{- {_lit(IMAGE_PLACEHOLDER + chr(10))} -}}}}{{%- endif -%}}
+{{%- endfor -%}}
+{{%- endif -%}}
+{{%- endmacro -%}}
+{{%- macro body(c) -%}}
+{{%- if c is string -%}}{{{{- c -}}}}
+{{%- elif c is not none -%}}{{{{- c | selectattr('type', 'in', {_list(TEXT_PART_TYPES)}) | map(attribute='text') | join('\\n') -}}}}
+{{%- endif -%}}
+{{%- endmacro -%}}
+{{%- if messages[0]['role'] == 'system' -%}}
+{{%- set sys = body(messages[0]['content']) -%}}
+{{%- set msgs = messages[1:] -%}}
+{{%- else -%}}
+{{%- set sys = none -%}}
+{{%- set msgs = messages -%}}
+{{%- endif -%}}
+""".strip()
 
 _JINJA_CHECK = """
 {%- if m['role'] != ('user' if loop.index0 % 2 == 0 else 'assistant') -%}
 {{- raise_exception('after an optional system message, roles must alternate user/assistant starting with user') -}}
 {%- endif -%}
 {%- set text = images(m['content']) + body(m['content']) -%}
-"""
+""".strip()
 
-_JINJA_BODIES = {
-    "vicuna_v1": """
-{{- (VICUNA_SYSTEM if sys is none else sys) + ' ' -}}
-{%- for m in msgs -%}CHECK
-{%- if m['role'] == 'user' -%}{{- 'USER: ' + text + ' ' -}}{%- else -%}{{- 'ASSISTANT: ' + text + '</s>' -}}{%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt and msgs[-1]['role'] == 'user' -%}{{- 'ASSISTANT:' -}}{%- endif -%}
-""",
-    "gemma": """
-{%- for m in msgs -%}CHECK
-{%- if loop.first and sys -%}{%- set text = images(m['content']) + sys + '\\n\\n' + body(m['content']) -%}{%- endif -%}
-{%- if m['role'] == 'user' -%}{{- '<start_of_turn>user\\n' + text + '<end_of_turn>\\n' -}}
-{%- else -%}{{- '<start_of_turn>model\\n' + text + '<end_of_turn>\\n<eos>' -}}{%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt and msgs[-1]['role'] == 'user' -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}
-""",
-    "mistral_instruct": """
-{%- for m in msgs -%}CHECK
-{%- if m['role'] == 'user' -%}
-{%- if loop.first and sys -%}{%- set text = '<<SYS>>\\n' + sys + '\\n<</SYS>>\\n\\n' + text -%}{%- endif -%}
-{{- ('' if loop.first else '<s>') + '[INST] ' + text + ' [/INST]' -}}
-{%- else -%}{{- ' ' + text + ' </s>' -}}{%- endif -%}
-{%- endfor -%}
-""",
-    "chatml_direct": """
-{{- '<|im_start|>system\\n' + (CHATML_SYSTEM if sys is none else sys) + '<|im_end|>' -}}
-{%- for m in msgs -%}CHECK
-{%- if m['role'] == 'user' -%}{{- '<|im_start|>user\\n' + text + '<|im_end|>' -}}
-{%- else -%}{{- '<|im_start|>assistant\\n' + text + '<|im_end|>' -}}{%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt and msgs[-1]['role'] == 'user' -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}
-""",
-    # MGM-8B's assistant turns use the *system* header (see TEMPLATES["llama_3"]).
-    "llama_3": """
-{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' + (LLAMA3_SYSTEM if sys is none else sys) + '<|eot_id|>' -}}
-{%- for m in msgs -%}CHECK
-{%- if m['role'] == 'user' -%}{{- '<|start_header_id|>user<|end_header_id|>\\n\\n' + text + '<|eot_id|>' -}}
-{%- else -%}{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' + text + '<|eot_id|>' -}}{%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt and msgs[-1]['role'] == 'user' -%}{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' -}}{%- endif -%}
-""",
-}
+
+def _wrap(affix: Affix, expr: str) -> str:
+    """Jinja expression of ``affix.wrap(expr)``."""
+    parts = (_lit(affix.prefix) if affix.prefix else "", expr, _lit(affix.suffix) if affix.suffix else "")
+    return " + ".join(part for part in parts if part)
+
+
+def _jinja_body(t: ConvTemplate) -> list[str]:
+    """The lines after the common header: the Jinja twin of :meth:`ConvTemplate.render` and ``_turns``' merge."""
+    lines = []
+    if not t.merge_system:
+        lines.append(f"{{{{- {_wrap(t.system, f'({_lit(t.default_system)} if sys is none else sys)')} -}}}}")
+    lines += ["{%- for m in msgs -%}", _JINJA_CHECK]
+    if t.merge_system:
+        merged = _wrap(t.system, "sys")
+        if t.system_placement == "after_images":
+            merged = f"images(m['content']) + {merged} + body(m['content'])"
+        else:
+            merged = f"{merged} + text"
+        lines.append(f"{{%- if loop.first and sys -%}}{{%- set text = {merged} -%}}{{%- endif -%}}")
+    user = _wrap(t.user, "text")
+    if t.later_user_prefix:
+        user = f"('' if loop.first else {_lit(t.later_user_prefix)}) + {user}"
+    lines += [
+        f"{{%- if m['role'] == 'user' -%}}{{{{- {user} -}}}}",
+        f"{{%- else -%}}{{{{- {_wrap(t.assistant, 'text')} -}}}}{{%- endif -%}}",
+        "{%- endfor -%}",
+    ]
+    if t.open_assistant:
+        gen = _lit(t.open_assistant)
+        lines.append(f"{{%- if add_generation_prompt and msgs[-1]['role'] == 'user' -%}}{{{{- {gen} -}}}}{{%- endif -%}}")
+    return lines
 
 
 def chat_template(name: str) -> str:
     """Jinja source of a template, equivalent to :func:`render_prompt` for well-formed messages."""
-    get_template(name)
-    body = _JINJA_BODIES[name].replace("CHECK", _JINJA_CHECK.strip())
-    for const, value in (("VICUNA_SYSTEM", VICUNA_SYSTEM), ("CHATML_SYSTEM", CHATML_SYSTEM), ("LLAMA3_SYSTEM", LLAMA3_SYSTEM)):
-        assert '"' not in value
-        body = body.replace(const, f'"{value}"')
-    return (_JINJA_COMMON + body).strip() + "\n"
+    return "\n".join([_JINJA_COMMON, *_jinja_body(get_template(name))]) + "\n"
 
 
 # --- rebuilding the official ids from a whole-prompt tokenisation --------------------------------------------------

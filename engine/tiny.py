@@ -1,10 +1,9 @@
 """Seeded random MGM checkpoints in the official layout, small enough for CPU tests.
 
-The output directory looks like a released checkpoint (mgm.md §1.2, §5.2): ``config.json`` with the official
+The output directory looks like a released checkpoint (docs/mgm.md §1.2, §5.2): ``config.json`` with the official
 keys (plus ``vision_config``/``vision_aux_config`` describing the small towers), one ``model.safetensors``
-holding *every* official key — LLM, ``mm_projector``, the three ``vlm_uni_*`` projectors, the full CLIP tower
-(including its unused last layer and ``post_layernorm``) and the ConvNeXt — a tokenizer without an ``<image>``
-token, a chat template and a generation config.
+holding *every* key of the official layout (:func:`engine.weights.official_weight_layout`), a tokenizer without an
+``<image>`` token, a chat template and a generation config.
 
 Geometry (defaults): CLIP 56 px / patch 14 → G = 4, 16 tokens per view; windows M = 8 → HR 128 px
 (HD: 2×2 crops + global, HR 256 px, 80 tokens per image). LLM head_dim 64 (vLLM's CPU attention supports
@@ -29,10 +28,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -47,13 +45,12 @@ from engine.config import (
     backbone_family,
     validate_mm_config,
 )
+from engine.names import BACKBONES, IMAGE_PLACEHOLDER, Family
 from engine.prompt import TEMPLATES, chat_template, render_prompt
+from engine.weights import Kind, official_weight_layout
 
 logger = logging.getLogger(__name__)
 
-Backbone = Literal["llama", "gemma", "mixtral"]
-BACKBONES: tuple[Backbone, ...] = ("llama", "gemma", "mixtral")
-Kind = Literal["matrix", "bias", "norm", "rmsnorm", "embedding", "layer_scale"]
 
 # Official strings from the released configs; present only to prove they are never opened.
 _OFFICIAL_CLIP_PATH = "model_zoo/OpenAI/clip-vit-large-patch14-336"
@@ -135,7 +132,7 @@ _LLAMA_SPECIALS = ["<unk>", "<s>", "</s>"]
 _GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 
 
-def build_tokenizer(backbone: Backbone, merges_target: int = 800):  # type: ignore[no-untyped-def]
+def build_tokenizer(backbone: Family, merges_target: int = 800):  # type: ignore[no-untyped-def]
     """A SentencePiece-like byte-fallback BPE trained on a built-in corpus (deterministic, no downloads).
 
     Llama/Mixtral: ``<unk>``=0, ``<s>``=1, ``</s>``=2, "▁" dummy prefix at the start of each encoded text (so the
@@ -194,7 +191,7 @@ def build_tokenizer(backbone: Backbone, merges_target: int = 800):  # type: igno
 
 
 def build_config(
-    backbone: Backbone,
+    backbone: Family,
     *,
     vocab_size: int,
     hd: bool = False,
@@ -298,111 +295,7 @@ def build_config(
     return config
 
 
-# --- weight layout --------------------------------------------------------------------------------------------------
-
-
-def _llm_shapes(config: Any, family: str) -> Iterator[tuple[str, tuple[int, ...], Kind]]:
-    h, v = config.hidden_size, config.vocab_size
-    hd = config.head_dim
-    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
-    norm: Kind = "rmsnorm" if family == "gemma" else "norm"
-    yield "model.embed_tokens.weight", (v, h), "embedding"
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        yield p + "self_attn.q_proj.weight", (q, h), "matrix"
-        yield p + "self_attn.k_proj.weight", (kv, h), "matrix"
-        yield p + "self_attn.v_proj.weight", (kv, h), "matrix"
-        yield p + "self_attn.o_proj.weight", (h, q), "matrix"
-        if family == "mixtral":
-            # Legacy per-expert names, as in the released MGM-8x7B shards.
-            inter = config.intermediate_size
-            yield p + "block_sparse_moe.gate.weight", (config.num_local_experts, h), "matrix"
-            for e in range(config.num_local_experts):
-                yield p + f"block_sparse_moe.experts.{e}.w1.weight", (inter, h), "matrix"
-                yield p + f"block_sparse_moe.experts.{e}.w2.weight", (h, inter), "matrix"
-                yield p + f"block_sparse_moe.experts.{e}.w3.weight", (inter, h), "matrix"
-        else:
-            inter = config.intermediate_size
-            yield p + "mlp.gate_proj.weight", (inter, h), "matrix"
-            yield p + "mlp.up_proj.weight", (inter, h), "matrix"
-            yield p + "mlp.down_proj.weight", (h, inter), "matrix"
-        yield p + "input_layernorm.weight", (h,), norm
-        yield p + "post_attention_layernorm.weight", (h,), norm
-    yield "model.norm.weight", (h,), norm
-    yield "lm_head.weight", (v, h), "matrix"
-
-
-def _projector_shapes(config: Any) -> Iterator[tuple[str, tuple[int, ...], Kind]]:
-    h, dv, da = config.hidden_size, config.mm_hidden_size, config.mm_hidden_size_aux
-    yield "model.mm_projector.0.weight", (h, dv), "matrix"
-    yield "model.mm_projector.0.bias", (h,), "bias"
-    yield "model.mm_projector.2.weight", (h, h), "matrix"
-    yield "model.mm_projector.2.bias", (h,), "bias"
-    for name, d_in in (("query", dv), ("aux", da), ("val", da)):
-        p = f"model.vlm_uni_{name}_projector."
-        yield p + "0.weight", (d_in,), "norm"
-        yield p + "0.bias", (d_in,), "bias"
-        yield p + "1.weight", (dv, d_in), "matrix"
-        yield p + "1.bias", (dv,), "bias"
-
-
-def _clip_shapes(config: Any) -> Iterator[tuple[str, tuple[int, ...], Kind]]:
-    c = config.clip_vision_config()
-    d, m, p = c.hidden_size, c.intermediate_size, c.patch_size
-    pre = "model.vision_tower.vision_tower.vision_model."
-    yield pre + "embeddings.class_embedding", (d,), "embedding"
-    yield pre + "embeddings.patch_embedding.weight", (d, c.num_channels, p, p), "matrix"
-    yield pre + "embeddings.position_embedding.weight", ((c.image_size // p) ** 2 + 1, d), "embedding"
-    yield pre + "pre_layrnorm.weight", (d,), "norm"  # sic: HF CLIP's spelling
-    yield pre + "pre_layrnorm.bias", (d,), "bias"
-    for i in range(c.num_hidden_layers):  # all layers, although select_layer -2 never runs the last one
-        lp = f"{pre}encoder.layers.{i}."
-        for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):
-            yield lp + f"self_attn.{proj}.weight", (d, d), "matrix"
-            yield lp + f"self_attn.{proj}.bias", (d,), "bias"
-        yield lp + "layer_norm1.weight", (d,), "norm"
-        yield lp + "layer_norm1.bias", (d,), "bias"
-        yield lp + "mlp.fc1.weight", (m, d), "matrix"
-        yield lp + "mlp.fc1.bias", (m,), "bias"
-        yield lp + "mlp.fc2.weight", (d, m), "matrix"
-        yield lp + "mlp.fc2.bias", (d,), "bias"
-        yield lp + "layer_norm2.weight", (d,), "norm"
-        yield lp + "layer_norm2.bias", (d,), "bias"
-    yield pre + "post_layernorm.weight", (d,), "norm"
-    yield pre + "post_layernorm.bias", (d,), "bias"
-
-
-def _convnext_shapes(config: Any) -> Iterator[tuple[str, tuple[int, ...], Kind]]:
-    from torch import nn
-
-    from engine.convnext import ConvNeXtTower
-
-    with torch.device("meta"):
-        tower = ConvNeXtTower.from_config(config)
-    kinds: dict[str, Kind] = {}
-    for mod_name, module in tower.named_modules():
-        for p_name, _ in module.named_parameters(recurse=False):
-            full = f"{mod_name}.{p_name}" if mod_name else p_name
-            if p_name == "gamma":
-                kinds[full] = "layer_scale"
-            elif p_name == "bias":
-                kinds[full] = "bias"
-            elif isinstance(module, nn.LayerNorm):
-                kinds[full] = "norm"
-            else:
-                kinds[full] = "matrix"
-    for name, param in tower.state_dict().items():
-        yield "model.vision_tower_aux." + name, tuple(param.shape), kinds[name]
-
-
-def official_weight_layout(config: Any) -> dict[str, tuple[tuple[int, ...], Kind]]:
-    """Every key of an official MGM checkpoint for this config → (shape, kind), in a fixed order."""
-    family = backbone_family(config)
-    layout: dict[str, tuple[tuple[int, ...], Kind]] = {}
-    for part in (_llm_shapes(config, family), _projector_shapes(config), _clip_shapes(config), _convnext_shapes(config)):
-        for name, shape, kind in part:
-            layout[name] = (shape, kind)
-    return layout
+# --- weights --------------------------------------------------------------------------------------------------------
 
 
 def _init(shape: tuple[int, ...], kind: Kind, gen: torch.Generator, embed_std: float) -> torch.Tensor:
@@ -468,7 +361,7 @@ def _write_config(config: Any, path: Path) -> None:
 def build_tiny(
     out: str | Path,
     *,
-    backbone: Backbone = "llama",
+    backbone: Family = "llama",
     hd: bool = False,
     seed: int = 0,
     dtype: str = "float32",
@@ -488,7 +381,7 @@ def build_tiny(
     out.mkdir(parents=True, exist_ok=True)
 
     tokenizer = build_tokenizer(backbone, spec.tokenizer_vocab)
-    if "<image>" in tokenizer.get_vocab():  # would silently change chunk-wise tokenisation
+    if IMAGE_PLACEHOLDER in tokenizer.get_vocab():  # would silently change chunk-wise tokenisation
         raise AssertionError("tiny tokenizer must not contain <image>")
     config = build_config(backbone, hd=hd, vocab_size=len(tokenizer), spec=spec, legacy_names=legacy_names, dtype=dtype)
     weights = build_weights(config, seed, progress=progress)

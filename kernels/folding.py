@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .contract import LN_EPS, MiningSpec, weight_name
 
-__all__ = ["LN_EPS", "Footprint", "WindowSet", "compute_dtype", "fold_queries", "footprints", "output_views",
+__all__ = ["Footprint", "WindowSet", "compute_dtype", "fold_queries", "footprints", "output_views",
            "project_values", "window_sets"]
 
 

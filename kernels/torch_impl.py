@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .contract import MiningSpec
-from .folding import (LN_EPS, Footprint, WindowSet, compute_dtype, fold_queries, footprints, output_views,
+from .contract import LN_EPS, MiningSpec
+from .folding import (Footprint, WindowSet, compute_dtype, fold_queries, footprints, output_views,
                       project_values, window_sets)
 
 CHUNK_BYTES = 32 << 20  # working-set budget per chunk of windows

@@ -23,11 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .contract import MiningSpec
-from .folding import LN_EPS, fold_queries, footprints, output_views, project_values, window_sets
+from .contract import LN_EPS, MiningSpec
+from .folding import fold_queries, footprints, output_views, project_values, window_sets
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Launch defaults: the fastest variant measured on an H200 (benchmarks/kernels_gpu.json, "variants").
+# Launch defaults: the fastest variant measured on an H200 (bench/results/kernels_gpu.json, "variants").
 CHUNK = 128  # channels per program
 BLOCK_C = 16  # channels per load inside a program
 NUM_WARPS = 2  # x4 for footprints of more than 64 pixels (their resampling matrix needs the registers)
@@ -174,10 +174,7 @@ def launch_kernels(spec: MiningSpec, hr_stages: list[torch.Tensor], u: torch.Ten
 
 
 def mine_triton(lr_feats: torch.Tensor, hr_stages: list[torch.Tensor], weights: dict[str, torch.Tensor],
-                spec: MiningSpec, *, out_agg: torch.Tensor | None = None, out_shift: torch.Tensor | None = None,
-                **launch_options) -> torch.Tensor:
-    """out_agg/out_shift: optional preallocated (T, C_aux) / (T,) float32 buffers (tests poison them);
-    launch_options: chunk, block_c, num_warps (see launch_kernels)."""
+                spec: MiningSpec) -> torch.Tensor:
     if spec.dtype == torch.float64:
         raise ValueError("lr_feats: dtype float64 is not supported by impl='triton' (use 'torch' or 'reference')")
     if not lr_feats.is_cuda and not INTERPRET:
@@ -188,8 +185,8 @@ def mine_triton(lr_feats: torch.Tensor, hr_stages: list[torch.Tensor], weights: 
     gemm = spec.dtype if spec.dtype != torch.float32 and lr_feats.is_cuda else None
     u, usum = fold_queries(x, weights, spec, gemm)
     T = x.shape[0]
-    agg = out_agg if out_agg is not None else torch.empty(T, spec.aux_channels, dtype=torch.float32, device=dev)
-    shift = out_shift if out_shift is not None else torch.empty(T, dtype=torch.float32, device=dev)
-    launch_kernels(spec, hr_stages, u, usum, agg, shift, **launch_options)
+    agg = torch.empty(T, spec.aux_channels, dtype=torch.float32, device=dev)
+    shift = torch.empty(T, dtype=torch.float32, device=dev)
+    launch_kernels(spec, hr_stages, u, usum, agg, shift)
     out = x + project_values(agg, shift, weights, gemm)
     return out.to(spec.dtype).reshape(spec.batch, spec.views * spec.tokens, spec.channels)

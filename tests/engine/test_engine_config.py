@@ -11,9 +11,7 @@ import pytest
 from transformers import AutoConfig, GemmaConfig, LlamaConfig, MixtralConfig
 
 from engine.config import (
-    ARCHITECTURE_TO_FAMILY,
     CONFIG_CLASSES,
-    FAMILY_TO_TEXT_ARCHITECTURE,
     MGMConfig,
     MGMGemmaConfig,
     MGMMixtralConfig,
@@ -23,6 +21,7 @@ from engine.config import (
     register_configs,
     validate_mm_config,
 )
+from engine.names import ARCHITECTURE_TO_FAMILY, FAMILY_TO_TEXT_ARCHITECTURE
 
 # A config.json as the official training script writes it for MGM-7B (mgm.md §1.2), LLM part abridged.
 OFFICIAL_7B = {

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from engine.config import MGMConfig
-from engine.convnext import ConvNeXtTower, concat_stages
-from loadtests.baselines.mgm_hf import reference_convnext
+from engine.convnext import ConvNeXtTower
+from bench.baselines.mgm_hf import reference_convnext
+from kernels.reference import concat_stages
 
 DEPTHS_L, DIMS_L = (3, 3, 27, 3), (192, 384, 768, 1536)
 
@@ -50,7 +51,7 @@ def test_convnext_large_names_and_shapes_on_meta():
     assert len(state) == 340  # ~340 keys, as the released index files suggest (mgm.md §5.1)
     # 196.2 M parameters: the size arithmetic of mgm.md §5.1.
     assert round(sum(math.prod(s) for s in state.values()) / 1e6, 1) == 196.2
-    assert tower.hidden_size == 2880
+    assert sum(tower.dims) == MGMConfig().convnext_spec().hidden_size == 2880
     assert not tower.training
 
 
@@ -63,7 +64,7 @@ def test_stage_shapes_and_concat():
     assert tuple(concat_stages(stages).shape) == (2, 80, 16, 16)
 
 
-# ---- independent float64 reference: loadtests/baselines/mgm_hf.py (shared with the serving baseline) ----
+# ---- independent float64 reference: bench/baselines/mgm_hf.py (shared with the serving baseline) ----
 
 
 @pytest.mark.parametrize("size", [64, 96])

@@ -1,4 +1,4 @@
-"""vLLM ``LLM(...)`` serving the tiny checkpoints against the independent float64 reference (loadtests/baselines/mgm_hf.py).
+"""vLLM ``LLM(...)`` serving the tiny checkpoints against the independent float64 reference (bench/baselines/mgm_hf.py).
 
 Per backbone (Llama, Llama-HD, Gemma, Mixtral): prompt ids equal to the official chunk-wise ids (generate and
 chat), prompt logprobs of the text after each image within 2e-3, greedy tokens equal while the reference's
@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.prompt import IMAGE_TOKEN_INDEX, render_prompt
+from engine.names import IMAGE_TOKEN_INDEX
+from engine.prompt import render_prompt
 
 TEMPLATE = {"llama": "vicuna_v1", "gemma": "gemma", "mixtral": "mistral_instruct"}
 LOGPROB_TOL = 2e-3
@@ -72,7 +73,7 @@ def llm_engine(tiny_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference(tiny_checkpoint):
-    from loadtests.baselines.mgm_hf import MGMReference
+    from bench.baselines.mgm_hf import MGMReference
     from engine.model import placeholder_token_id
 
     cache = {}

@@ -6,22 +6,20 @@ from __future__ import annotations
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from engine.names import GEN_SUFFIX, IMAGE_TOKEN_INDEX, TEMPLATE_NAMES
 from engine.prompt import (
-    GEN_SUFFIX,
-    IMAGE_TOKEN_INDEX,
     TEMPLATES,
+    adds_bos,
     chat_template,
     choose_template,
     content_to_text,
-    adds_bos,
-    expand_image_tokens,
     render_prompt,
     retokenize_official,
     stop_strings,
     stop_token_ids,
     tokenize_official,
-    with_gen_suffix,
 )
+from support.image_tokens import expand_image_tokens
 
 Q = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
 Q2 = Q + [{"role": "assistant", "content": "A cat."}, {"role": "user", "content": "Color?"}]
@@ -104,7 +102,7 @@ def test_system_messages():
 def test_generation_suffix_and_closed_conversations():
     assert render_prompt(Q, "vicuna_v1", generate_image=True).endswith("USER: <image>\nWhat is this? <GEN> ASSISTANT:")
     assert render_prompt(Q, "mistral_instruct", generate_image=True) == "[INST] <image>\nWhat is this? <GEN> [/INST]"
-    assert with_gen_suffix("Draw a cat") == "Draw a cat" + GEN_SUFFIX == with_gen_suffix("Draw a cat <GEN>")
+    assert GEN_SUFFIX == " <GEN>"  # the official CLI: inp + ' <GEN>'
     closed = Q + [{"role": "assistant", "content": "A cat."}]
     assert render_prompt(closed, "gemma").endswith("model\nA cat.<end_of_turn>\n<eos>")
     assert render_prompt(Q, "vicuna_v1", add_generation_prompt=False).endswith("What is this? ")
@@ -124,6 +122,11 @@ def test_generation_suffix_and_closed_conversations():
 def test_invalid_messages(messages):
     with pytest.raises(ValueError):
         render_prompt(messages, "vicuna_v1")
+
+
+def test_template_names_are_the_described_templates():
+    # engine.names lists them for the CLI without importing this module; the two must not drift.
+    assert tuple(TEMPLATES) == TEMPLATE_NAMES
 
 
 def test_unknown_template():

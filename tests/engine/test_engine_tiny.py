@@ -23,9 +23,12 @@ from transformers import (
 )
 
 from engine.config import CONFIG_CLASSES, validate_mm_config
-from engine.convnext import ConvNeXtTower, concat_stages
-from engine.prompt import IMAGE_TOKEN_INDEX, TEMPLATES, render_prompt, tokenize_official
-from engine.tiny import OFFICIAL_MM_KEYS, build_tiny, official_weight_layout
+from engine.convnext import ConvNeXtTower
+from engine.names import IMAGE_TOKEN_INDEX
+from engine.prompt import TEMPLATES, render_prompt, tokenize_official
+from engine.tiny import OFFICIAL_MM_KEYS, build_tiny
+from engine.weights import official_weight_layout
+from kernels.reference import concat_stages
 
 ARCH = {"llama": "MGMLlamaForCausalLM", "gemma": "MGMGemmaForCausalLM", "mixtral": "MGMMixtralForCausalLM"}
 MODEL_TYPE = {"llama": "mgm", "gemma": "mgm_gemma", "mixtral": "mgm_mixtral"}

@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 
 from engine.processor import MGMImageProcessor
-from engine.prompt import IMAGE_TOKEN_INDEX, expand_image_tokens, render_prompt, tokenize_official
+from engine.names import IMAGE_TOKEN_INDEX
+from engine.prompt import render_prompt, tokenize_official
+from support.image_tokens import expand_image_tokens
 
 TEMPLATE = {"llama": "vicuna_v1", "gemma": "gemma", "mixtral": "mistral_instruct"}
 TOKENS = {False: 16, True: 80}  # tiny geometry: G = 4 → 16 per view; HD: 5 views
@@ -142,7 +144,7 @@ def test_register_is_idempotent_and_covers_all_names():
     import engine
     from vllm import ModelRegistry
 
-    from engine.config import ARCHITECTURE_TO_FAMILY
+    from engine.names import ARCHITECTURE_TO_FAMILY
 
     engine.register()
     engine.register()

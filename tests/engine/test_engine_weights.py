@@ -45,7 +45,7 @@ def corrupt(src: Path, dst: Path, edit) -> Path:  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize(("backbone", "hd"), [("llama", False), ("llama", True), ("gemma", False), ("mixtral", False)])
 def test_vision_path_matches_float64_reference(model_worker, tiny_checkpoint, backbone, hd):
-    from loadtests.baselines.mgm_hf import MGMReference
+    from bench.baselines.mgm_hf import MGMReference
     from support.vllm_inprocess import image_features
 
     path = tiny_checkpoint(backbone, hd)
