@@ -47,7 +47,7 @@ class FrontEnd:
     image_global: bool
 
     def low_res_views(self, hr: torch.Tensor) -> torch.Tensor:
-        """Processor order [crops..., global], each lr_size square (mgm.md §3.3)."""
+        """Processor order [crops..., global], each lr_size square (docs/mgm.md §3.3)."""
         g, s = self.image_grid, self.lr_size
         lr = F.interpolate(hr, size=(s * g, s * g), mode="bilinear", align_corners=False)
         if g == 1:

@@ -1,9 +1,9 @@
 """Transformers config classes for Mini-Gemini (MGM) checkpoints, and the vision geometry derived from them.
 
 Released MGM checkpoints carry a *flat* LLaVA-style config: the LLM fields sit at the top level and the
-multimodal fields are extra keys (mgm.md §1.2).  Transformers only parses a ``config.json`` whose
+multimodal fields are extra keys (docs/mgm.md §1.2).  Transformers only parses a ``config.json`` whose
 ``model_type`` it knows, so we register one class per model_type string that exists in the wild: the
-checkpoints uploaded before the 2024-04-21 rename say ``mini_gemini*``, later ones ``mgm*`` (mgm.md §1.1).
+checkpoints uploaded before the 2024-04-21 rename say ``mini_gemini*``, later ones ``mgm*`` (docs/mgm.md §1.1).
 
 Two *optional* extension keys let small test checkpoints describe their own towers:
 
@@ -11,7 +11,7 @@ Two *optional* extension keys let small test checkpoints describe their own towe
 * ``vision_aux_config`` – ``{"depths": [...], "dims": [...]}`` of the ConvNeXt; absent → ConvNeXt-L.
 
 The ``mm_vision_tower*`` paths of the official configs are kept (so configs round-trip) but never read:
-all tower weights come from the checkpoint itself (mgm.md §5.1).
+all tower weights come from the checkpoint itself (docs/mgm.md §5.1).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from engine.names import ARCHITECTURE_TO_FAMILY, MODEL_TYPE_TO_FAMILY, Family
 
 logger = logging.getLogger(__name__)
 
-#: The CLIP tower every released MGM uses (openai/clip-vit-large-patch14-336, mgm.md §4).
+#: The CLIP tower every released MGM uses (openai/clip-vit-large-patch14-336, docs/mgm.md §4).
 CLIP_VIT_L_336: dict[str, Any] = {
     "hidden_size": 1024,
     "intermediate_size": 4096,
@@ -40,7 +40,7 @@ CLIP_VIT_L_336: dict[str, Any] = {
     "projection_dim": 768,
 }
 
-#: timm ``convnext_large`` as used by the LAION ``convnext_large_d_320`` tower (mgm.md §3.1).
+#: timm ``convnext_large`` as used by the LAION ``convnext_large_d_320`` tower (docs/mgm.md §3.1).
 CONVNEXT_LARGE: dict[str, list[int]] = {"depths": [3, 3, 27, 3], "dims": [192, 384, 768, 1536]}
 
 #: ConvNeXt stem: Conv2d(k=4, s=4), so the stage-0 map is the HR input divided by 4.
@@ -62,7 +62,7 @@ class ConvNeXtSpec:
 
 @dataclass(kw_only=True, repr=False, eq=False)
 class _MGMFields:
-    """Official MGM keys (mgm.md §1.2) shared by all backbones; defaults are the released values."""
+    """Official MGM keys (docs/mgm.md §1.2) shared by all backbones; defaults are the released values."""
 
     mm_vision_tower: str | None = None  # path of the CLIP dir in official configs; ignored
     mm_vision_tower_aux: str | None = None  # path of the open_clip ConvNeXt dir; ignored
@@ -169,7 +169,7 @@ def register_configs() -> None:
 def backbone_family(config: Any) -> Family:
     """LLM family of a checkpoint, decided by ``model_type``.
 
-    The official loader chose the class from the *directory name* (mgm.md §1.1), which is fragile; the
+    The official loader chose the class from the *directory name* (docs/mgm.md §1.1), which is fragile; the
     model_type is authoritative here. A disagreeing ``architectures`` entry is logged, not trusted.
     """
     model_type = getattr(config, "model_type", None)
@@ -184,7 +184,7 @@ def backbone_family(config: Any) -> Family:
 
 @dataclass(frozen=True)
 class VisionGeometry:
-    """Sizes that fix the visual token count (mgm.md §2.2/2.3).
+    """Sizes that fix the visual token count (docs/mgm.md §2.2/2.3).
 
     A view is one CLIP pass at ``lr_size``; an image has ``image_grid²`` crop views plus an optional global view.
     Each view yields ``grid²`` tokens, and each token mines its own ``window × window`` cell of the HR stage-0 map.
@@ -286,7 +286,7 @@ def validate_mm_config(config: Any) -> VisionGeometry:
 def clip_layers_needed(config: Any) -> int:
     """CLIP encoder layers that must run: hidden_states[k] is the output of layer k-1 (index 0 = embeddings).
 
-    With select_layer -2 of 24 layers this is 23: the last layer and post_layernorm are never used (mgm.md §4).
+    With select_layer -2 of 24 layers this is 23: the last layer and post_layernorm are never used (docs/mgm.md §4).
     """
     layers = config.clip_vision_config().num_hidden_layers
     index = config.mm_vision_select_layer % (layers + 1)

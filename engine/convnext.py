@@ -1,9 +1,9 @@
 """ConvNeXt high-resolution ("aux") tower of MGM as a plain, deterministic torch module.
 
 The official tower is timm ``convnext_large`` built through open_clip, of which MGM keeps only ``stem`` and
-``stages`` (mgm.md §3.1). It is re-implemented here so that (a) no timm/open_clip is needed, (b) parameter names
+``stages`` (docs/mgm.md §3.1). It is re-implemented here so that (a) no timm/open_clip is needed, (b) parameter names
 equal the checkpoint keys after ``model.vision_tower_aux.`` and load with a plain ``load_state_dict``, and (c) it is
-always the eval-mode network: the official code leaves DropPath active at inference (mgm.md §3.4); its
+always the eval-mode network: the official code leaves DropPath active at inference (docs/mgm.md §3.4); its
 expectation is exactly this module without drop path.
 
 ``forward`` returns the four stage outputs separately. The official code upsamples and concatenates them into one

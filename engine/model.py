@@ -1,7 +1,7 @@
 """Mini-Gemini (MGM) for vLLM: processor, model and weight loading, in the style of vLLM's in-tree ``llava.py``.
 
 One class serves all six released architecture names (``MGM*``/``MiniGemini*`` × Llama/Gemma/Mixtral); the LLM
-backbone is vLLM's own, chosen by ``model_type`` (mgm.md §1.1). Per image (mgm.md §2):
+backbone is vLLM's own, chosen by ``model_type`` (docs/mgm.md §1.1). Per image (docs/mgm.md §2):
 
     views  (V, 3, lr, lr) ──CLIP (truncated to mm_vision_select_layer, no post-norm, CLS dropped)──► (V, N, C)
     hr     (3, S, S)      ──ConvNeXt stem+stages (eval)──► 4 stage maps
@@ -212,7 +212,7 @@ _MINING_PROJECTORS = ("query", "aux", "val")
 class MGMForCausalLM(nn.Module, SupportsMultiModal, SupportsPP):
     """Registered under all six MGM architecture names; the backbone comes from ``model_type``."""
 
-    # Official layout (mgm.md §5.2) → module names. Rules apply in order to the rewritten name, so the specific
+    # Official layout (docs/mgm.md §5.2) → module names. Rules apply in order to the rewritten name, so the specific
     # "model.<tower>." prefixes come before the catch-all "model." of the LLM.
     hf_to_vllm_mapper = WeightsMapper(
         orig_to_new_prefix={
@@ -248,7 +248,7 @@ class MGMForCausalLM(nn.Module, SupportsMultiModal, SupportsPP):
                 clip_config, quant_config=quant_config, num_hidden_layers_override=clip_layers_needed(config),
                 require_post_norm=False, prefix=maybe_prefix(prefix, "vision_tower"),
             )
-            self.vision_tower_aux = ConvNeXtTower.from_config(config)  # eval-mode, no drop path (mgm.md §3.4)
+            self.vision_tower_aux = ConvNeXtTower.from_config(config)  # eval-mode, no drop path (docs/mgm.md §3.4)
             self.vlm_uni_query_projector = _ln_linear(width, width)
             self.vlm_uni_aux_projector = _ln_linear(width_aux, width)
             self.vlm_uni_val_projector = _ln_linear(width_aux, width)
@@ -294,7 +294,7 @@ class MGMForCausalLM(nn.Module, SupportsMultiModal, SupportsPP):
         features = self.mm_projector(torch.cat(mined))
         if self.family == "gemma":
             # MGM-2B was trained with HF's GemmaModel scaling *all* inputs_embeds by √H; vLLM's Gemma scales only
-            # the text rows it embeds itself (mgm.md §11.6), so the image rows are scaled here, in the same dtype.
+            # the text rows it embeds itself (docs/mgm.md §11.6), so the image rows are scaled here, in the same dtype.
             features = features * self.language_model.model.normalizer.to(features.dtype)
         return features
 
@@ -333,7 +333,7 @@ class MGMForCausalLM(nn.Module, SupportsMultiModal, SupportsPP):
         """Load an official checkpoint strictly: every tensor is loaded or deliberately skipped; an unknown,
         duplicate or mis-shaped key, or a missing one, raises ``ValueError`` naming it.
 
-        ``lm_head`` (mgm.md §5.2; MGM-2B stores one although Gemma ties it): when the checkpoint has the tensor,
+        ``lm_head`` (docs/mgm.md §5.2; MGM-2B stores one although Gemma ties it): when the checkpoint has the tensor,
         vLLM itself builds the head untied before this runs (``ModelConfig.maybe_untie_word_embeddings``), so it
         is loaded here, and re-tied after loading if it equals ``embed_tokens``; a *different* stored head is
         used, with vLLM's warning — the rule of transformers 5 as well. Only a tied config may omit it.

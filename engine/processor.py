@@ -1,4 +1,4 @@
-"""Image preprocessing of MGM (mgm.md §3.3), without torchvision or a transformers image processor.
+"""Image preprocessing of MGM (docs/mgm.md §3.3), without torchvision or a transformers image processor.
 
 One PIL image → an HR tensor ``(3, S, S)`` for the ConvNeXt (S = ``image_size_aux``) and LR views
 ``(V, 3, lr, lr)`` for CLIP (V = 1, or ``image_grid² + image_global`` for HD), all float32:

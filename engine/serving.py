@@ -2,7 +2,7 @@
 
 vLLM takes the chat template from the tokenizer and the stop ids from ``generation_config.json``. Released MGM
 checkpoints ship neither the MGM template (Vicuna has none, Gemma-2B-it has Gemma's own) nor the template's
-stop tokens (MGM-2B stops on ``<end_of_turn>``, MGM-34B on ``<|im_end|>``, MGM-8B on ``<|eot_id|>``, mgm.md §6),
+stop tokens (MGM-2B stops on ``<end_of_turn>``, MGM-34B on ``<|im_end|>``, MGM-8B on ``<|eot_id|>``, docs/mgm.md §6),
 so :func:`prepare_serving_files` writes both next to each other in a separate directory, leaving the checkpoint
 untouched: the Jinja template of :mod:`engine.prompt` and the checkpoint's generation config with the template's
 single-token stop strings added to ``eos_token_id`` (vLLM stops on every id listed there).

@@ -213,7 +213,7 @@ def build_config(
         head_dim=spec.head_dim,
         max_position_embeddings=4096,
         dtype=dtype,
-        # official multimodal keys (mgm.md §1.2), released values except for the sizes
+        # official multimodal keys (docs/mgm.md §1.2), released values except for the sizes
         mm_vision_tower=_OFFICIAL_CLIP_PATH,
         mm_vision_tower_aux=_OFFICIAL_CONVNEXT_PATH,
         mm_hidden_size=spec.clip_hidden,
@@ -270,7 +270,7 @@ def build_config(
             pad_token_id=0,
             eos_token_id=1,
             bos_token_id=2,
-            # MGM-2B stores a separate lm_head; we store a copy of embed_tokens and keep Gemma's tying (mgm.md §5.2),
+            # MGM-2B stores a separate lm_head; we store a copy of embed_tokens and keep Gemma's tying (docs/mgm.md §5.2),
             # which is what both HF and vLLM's Gemma compute.
             tie_word_embeddings=True,
             hidden_act="gelu_pytorch_tanh",
@@ -327,7 +327,7 @@ def build_weights(config: Any, seed: int, *, progress: bool = False) -> dict[str
     return weights
 
 
-#: Keys the official training script writes (mgm.md §1.2) plus our two extension keys.
+#: Keys the official training script writes (docs/mgm.md §1.2) plus our two extension keys.
 OFFICIAL_MM_KEYS = (
     "mm_vision_tower", "mm_vision_tower_aux", "mm_hidden_size", "mm_hidden_size_aux", "mm_projector_type",
     "mm_vision_select_layer", "mm_vision_select_feature", "use_mm_proj", "image_size_aux", "optimize_vision_tower",

@@ -1,6 +1,6 @@
 """The argument contract of `mine_patches`, checked once for every implementation.
 
-Shapes (see mgm.md §2): `lr_feats` (B, V, N, C) with N = G² CLIP patches per low-res view, V = g² (+1 with a
+Shapes (see docs/mgm.md §2): `lr_feats` (B, V, N, C) with N = G² CLIP patches per low-res view, V = g² (+1 with a
 global view); `hr_stages` four ConvNeXt maps (B, C_s, H_s, H_s) of one high-res image whose stage-0 side is
 H0 = g·G·M (M×M high-res pixels per low-res patch); `weights` the official `vlm_uni_*` tensors.
 """

@@ -1,7 +1,7 @@
 """MGM in plain PyTorch + HF transformers, independent of the serving path: the engine tests' float64 reference and,
 at serving precision (float32 on CPU), the model behind the official-serving baseline (official_server.py).
 
-Written from mgm.md (§2 mining, §3 ConvNeXt/preprocessing, §4 CLIP, §6 prompts, §11.6 Gemma) and the official
+Written from docs/mgm.md (§2 mining, §3 ConvNeXt/preprocessing, §4 CLIP, §6 prompts, §11.6 Gemma) and the official
 code as quoted there, sharing nothing with the serving path except the config classes and the official
 tokenisation rule (itself tested against hand-written ids in tests/engine/test_engine_prompt.py):
 
@@ -38,7 +38,7 @@ def _sub(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tenso
     return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
 
 
-# ---- functional ConvNeXt (written from the timm description in mgm.md §3.1) ----------------------------------------
+# ---- functional ConvNeXt (written from the timm description in docs/mgm.md §3.1) ----------------------------------------
 
 
 def _ln_channels(x, w, b, eps=1e-6):  # type: ignore[no-untyped-def]

@@ -1,4 +1,4 @@
-"""The official serving path, re-created for benchmarks: how MGM is served today (mgm.md §8).
+"""The official serving path, re-created for benchmarks: how MGM is served today (docs/mgm.md §8).
 
 The official ``mgm/serve/model_worker.py`` is a FastAPI app that, per request, acquires an ``asyncio.Semaphore``
 (``--limit-model-concurrency``, default 5), returns a ``StreamingResponse`` over a *sync* generator (so Starlette

@@ -1,6 +1,6 @@
 """Loading ``StableDiffusionXLPipeline`` for serving and running one batch of jobs through it.
 
-Official usage (mgm.md §7): ``StableDiffusionXLPipeline.from_pretrained(..., torch_dtype=float16)`` called as
+Official usage (docs/mgm.md §7): ``StableDiffusionXLPipeline.from_pretrained(..., torch_dtype=float16)`` called as
 ``pipe(prompt, negative_prompt=common_neg_prompt)`` with diffusers' defaults (50 steps, guidance 5.0, 1024²). This
 module keeps those semantics and adds what serving needs:
 

@@ -9,9 +9,8 @@ thread-safe, and one denoising loop already saturates a GPU). They meet in a bou
 While a job waits or runs, its handler polls for the client's disconnect and cancels the job: a waiting job leaves
 the queue at once; a running batch stops at the next denoising step once all of its jobs are cancelled.
 
-Routes: ``POST /v1/generate``, ``GET /health`` (live: process and inference thread), ``GET /ready`` (pipeline loaded
-and warmed up), ``GET /metrics`` (Prometheus). Errors use the OpenAI shape
-``{"error": {"message", "type", "param", "code"}}``.
+Routes (``POST /v1/generate``, ``/health``, ``/ready``, ``/metrics``) and their fields: docs/api.md §6. Errors use the
+OpenAI shape of :mod:`server.errors`, as the gateway's do.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from engine.config import (
 )
 from engine.names import ARCHITECTURE_TO_FAMILY, FAMILY_TO_TEXT_ARCHITECTURE
 
-# A config.json as the official training script writes it for MGM-7B (mgm.md §1.2), LLM part abridged.
+# A config.json as the official training script writes it for MGM-7B (docs/mgm.md §1.2), LLM part abridged.
 OFFICIAL_7B = {
     "architectures": ["MiniGeminiLlamaForCausalLM"],
     "model_type": "mini_gemini",

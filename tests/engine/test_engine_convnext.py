@@ -16,7 +16,7 @@ DEPTHS_L, DIMS_L = (3, 3, 27, 3), (192, 384, 768, 1536)
 
 
 def expected_convnext_keys(depths, dims) -> dict[str, tuple[int, ...]]:
-    """Official keys after ``model.vision_tower_aux.`` (mgm.md §5.2), written out independently of the module."""
+    """Official keys after ``model.vision_tower_aux.`` (docs/mgm.md §5.2), written out independently of the module."""
     keys = {
         "vision_stem.0.weight": (dims[0], 3, 4, 4),
         "vision_stem.0.bias": (dims[0],),
@@ -48,8 +48,8 @@ def test_convnext_large_names_and_shapes_on_meta():
         tower = ConvNeXtTower.from_config(MGMConfig())  # default vision_aux_config → ConvNeXt-L
     state = {k: tuple(v.shape) for k, v in tower.state_dict().items()}
     assert state == expected_convnext_keys(DEPTHS_L, DIMS_L)
-    assert len(state) == 340  # ~340 keys, as the released index files suggest (mgm.md §5.1)
-    # 196.2 M parameters: the size arithmetic of mgm.md §5.1.
+    assert len(state) == 340  # ~340 keys, as the released index files suggest (docs/mgm.md §5.1)
+    # 196.2 M parameters: the size arithmetic of docs/mgm.md §5.1.
     assert round(sum(math.prod(s) for s in state.values()) / 1e6, 1) == 196.2
     assert sum(tower.dims) == MGMConfig().convnext_spec().hidden_size == 2880
     assert not tower.training

@@ -188,7 +188,7 @@ def test_fidelity_against_float64_reference(llm_engine, reference, backbone, hd)
 
 
 def test_template_stop_tokens(llm_engine, tiny_tokenizer):
-    """Gemma stops on <end_of_turn> (mgm.md §6), which is not its eos: the serving generation config adds it."""
+    """Gemma stops on <end_of_turn> (docs/mgm.md §6), which is not its eos: the serving generation config adds it."""
     from vllm import SamplingParams
 
     llm, _ = llm_engine("gemma")  # still alive from the last fidelity case

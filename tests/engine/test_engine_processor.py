@@ -106,7 +106,7 @@ def test_hd_crop_order_is_row_major_then_global():
     canvas = F.interpolate(out.pixel_values_aux[None], size=(112, 112), mode="bilinear", align_corners=False)
     glob = views[4]
     assert torch.equal(glob, F.interpolate(canvas, size=(56, 56), mode="bilinear", align_corners=False)[0])
-    # bilinear ½ == 2×2 average pool (mgm.md §2.3)
+    # bilinear ½ == 2×2 average pool (docs/mgm.md §2.3)
     assert torch.allclose(glob, F.avg_pool2d(canvas, 2)[0], atol=1e-6)
     # the global view sees all four quadrants, each in its own corner
     g = denorm(glob)

@@ -1,4 +1,4 @@
-"""engine.prompt: the official template strings (mgm.md §6), message rendering, Jinja twins, template choice,
+"""engine.prompt: the official template strings (docs/mgm.md §6), message rendering, Jinja twins, template choice,
 stop strings and the chunk-wise ``tokenizer_image_token`` ids."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ LLAMA3_SYS = ("<|start_header_id|>system<|end_header_id|>\n\nYou are a helpful l
               "able to understand the visual content that the user provides, and assist the user with a variety of "
               "tasks using natural language.<|eot_id|>")
 
-# Single-turn generation prompts, mgm.md §6 table.
+# Single-turn generation prompts, docs/mgm.md §6 table.
 FIRST_TURN = {
     "vicuna_v1": VICUNA_SYS + " USER: <image>\nWhat is this? ASSISTANT:",
     "gemma": "<start_of_turn>user\n<image>\nWhat is this?<end_of_turn>\n<start_of_turn>model\n",
@@ -41,7 +41,7 @@ FIRST_TURN = {
                "<|start_header_id|>system<|end_header_id|>\n\n",
 }
 
-# Second-turn prompts produced by the official get_prompt() (verified ground truth, mgm.md §6). The vicuna and
+# Second-turn prompts produced by the official get_prompt() (verified ground truth, docs/mgm.md §6). The vicuna and
 # llama_3 strings are quoted there with a leading "..."; the prefix is the system part checked above.
 SECOND_TURN = {
     "vicuna_v1": VICUNA_SYS + " USER: <image>\nWhat is this? ASSISTANT: A cat.</s>USER: Color? ASSISTANT:",
@@ -55,7 +55,7 @@ SECOND_TURN = {
                "<|start_header_id|>system<|end_header_id|>\n\nA cat.<|eot_id|><|start_header_id|>user<|end_header_id|>"
                "\n\nColor?<|eot_id|><|start_header_id|>system<|end_header_id|>\n\n",
 }
-SECOND_TURN_TAILS = {  # verbatim from mgm.md §6, after its "..."
+SECOND_TURN_TAILS = {  # verbatim from docs/mgm.md §6, after its "..."
     "vicuna_v1": "USER: <image>\nWhat is this? ASSISTANT: A cat.</s>USER: Color? ASSISTANT:",
     "llama_3": "<|eot_id|><|start_header_id|>system<|end_header_id|>\n\nA cat.<|eot_id|><|start_header_id|>user"
                "<|end_header_id|>\n\nColor?<|eot_id|><|start_header_id|>system<|end_header_id|>\n\n",

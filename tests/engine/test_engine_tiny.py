@@ -84,7 +84,7 @@ def test_layout_and_shapes(tiny_checkpoint, backbone):
         assert not any(".mlp." in k for k in llm)
     assert llm["lm_head.weight"] == (config.vocab_size, h) and llm["model.norm.weight"] == (h,)
 
-    # Projectors (mgm.md §5.2)
+    # Projectors (docs/mgm.md §5.2)
     assert shapes["model.mm_projector.0.weight"] == (h, dv) and shapes["model.mm_projector.2.weight"] == (h, h)
     assert "model.mm_projector.1.weight" not in shapes  # index 1 is the GELU
     assert shapes["model.vlm_uni_query_projector.0.weight"] == (dv,)
@@ -183,7 +183,7 @@ def test_legacy_names_and_dtype(tmp_path):
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
 
 
-# ---- the image must matter: a plain HF/torch forward of the whole MGM pipeline (mgm.md §2.2) -----------------------
+# ---- the image must matter: a plain HF/torch forward of the whole MGM pipeline (docs/mgm.md §2.2) -----------------------
 
 
 def _ln_linear(weights, prefix, x):

@@ -121,7 +121,7 @@ def test_corrupted_checkpoint_names_the_key(model_worker, tiny_checkpoint, tmp_p
 
 
 def test_gemma_lm_head_tying(model_worker, tiny_checkpoint, tmp_path):
-    """mgm.md §5.2: MGM-2B stores an lm_head although Gemma ties it. The stored tensor decides, as in vLLM 0.32 and
+    """docs/mgm.md §5.2: MGM-2B stores an lm_head although Gemma ties it. The stored tensor decides, as in vLLM 0.32 and
     transformers 5: an equal copy is tied again, a different one is used as the head (vLLM warns), an untied
     config loads it, and a tied config may omit it."""
     from support.vllm_inprocess import lm_head_report

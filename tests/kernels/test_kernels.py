@@ -63,7 +63,7 @@ def oracle(lr, stages, w, g, glob):
     t = H0 // g
     views = []
     if glob:
-        # mgm.md §2.3: the official bilinear 1/2 resize equals a 2x2 average pool.
+        # docs/mgm.md §2.3: the official bilinear 1/2 resize equals a 2x2 average pool.
         small = F.avg_pool2d(fmap, 2) if g == 2 else F.interpolate(fmap, scale_factor=1 / g, mode="bilinear")
         views.append(_mine_view(lr[:, g * g], small, w))
     for r in range(g):
