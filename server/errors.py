@@ -70,6 +70,9 @@ def validation_error(exc: RequestValidationError | list[Any]) -> APIError:
     param = _param(err.get("loc", ()))
     if kind == "json_invalid" or (kind == "missing" and param is None):  # malformed or empty body
         return APIError(400, "We could not parse the JSON body of your request.", code="invalid_json")
+    if param is None and isinstance(err.get("input"), (bytes, bytearray)):  # FastAPI read it as non-JSON
+        return APIError(400, "The request body must be JSON, sent with Content-Type: application/json.",
+                        code="invalid_body")
     if param is None and kind in ("model_type", "dict_type", "model_attributes_type"):
         return APIError(400, "The request body must be a JSON object.", code="invalid_body")
     if param is None:
@@ -108,6 +111,10 @@ def normalize_upstream(status: int, payload: Any) -> APIError:
     return APIError(status, f"engine returned HTTP {status}", code="engine_error")
 
 
+#: What FastAPI raises when reading or decoding a body fails other than as a JSON syntax error.
+_FASTAPI_BODY_ERROR = "There was an error parsing the body"
+
+
 def install(app: Any, on_validation_error: Callable[[], None] = lambda: None) -> None:
     """Exception handlers: our APIError, FastAPI validation errors (``on_validation_error`` hears each), 404/405 and
     any other HTTP exception, and a last-resort 500 that never shows internals."""
@@ -123,6 +130,8 @@ def install(app: Any, on_validation_error: Callable[[], None] = lambda: None) ->
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == _FASTAPI_BODY_ERROR:  # e.g. JSON nested too deep to parse
+            return APIError(400, "We could not parse the JSON body of your request.", code="invalid_json").response()
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return APIError(exc.status_code, str(exc.detail), code=code,
                         headers=dict(exc.headers) if exc.headers else None).response()

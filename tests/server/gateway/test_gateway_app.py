@@ -237,3 +237,15 @@ def test_pick_least_in_flight():
     assert pool.pick() is b and pool.pick({b}) is c and pool.pick({b, c}) is a and pool.pick({a, b, c}) is None
     c.up = False
     assert pool.pick({b}) is a
+
+
+def test_body_content_type(gateway):
+    """A body without a Content-Type is read as JSON; one declared as something else is refused with a hint."""
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "Hi"}]}'
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(gateway + "/v1/chat/completions", content=body, headers=auth, timeout=10)
+    assert r.status_code == 503 and _error(r)["code"] == "engine_unavailable"  # parsed, then no engine is up
+    r = httpx.post(gateway + "/v1/chat/completions", content=body, timeout=10,
+                   headers={**auth, "Content-Type": "application/x-www-form-urlencoded"})
+    err = _error(r)
+    assert r.status_code == 400 and err["code"] == "invalid_body" and "application/json" in err["message"]
