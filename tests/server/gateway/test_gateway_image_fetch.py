@@ -5,8 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
+import io
+import socket
+import struct
+import threading
+import time
+import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler
 
 import pytest
+from PIL import Image
+from support.live import http_server
 
 from server.gateway.config import ImagePolicy
 from server.errors import APIError
@@ -21,6 +32,7 @@ REFUSED = [
     "64:ff9b::a00:1",  # NAT64 wrapping 10.0.0.1
     "2001::1",  # Teredo
     "::7f00:1",  # deprecated IPv4-compatible
+    "fec0::1", "feff:ffff::1",  # deprecated site-local fec0::/10
 ]
 PUBLIC = ["8.8.8.8", "1.1.1.1", "93.184.216.34", "2606:4700:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808"]
 
@@ -83,8 +95,8 @@ def test_dns_names_resolving_to_private_addresses_are_refused():
     for host in ("meta.evil.test", "mixed.evil.test", "v6.evil.test"):
         with pytest.raises(ImageURLRefused, match="resolves to"):
             asyncio.run(vet(f"http://{host}/a.png", policy, _resolver(table)))
-    target, ip = asyncio.run(vet("http://ok.test/a.png", policy, _resolver(table)))
-    assert (target.host, ip) == ("ok.test", "93.184.216.34")
+    target, ips = asyncio.run(vet("http://ok.test/a.png", policy, _resolver(table)))
+    assert (target.host, ips) == ("ok.test", ["93.184.216.34", "93.184.216.35"])
     with pytest.raises(APIError, match="Could not resolve"):
         asyncio.run(vet("http://nowhere.test/a.png", policy, _resolver(table)))
 
@@ -160,3 +172,172 @@ def test_fetch_limits(image_server, path, policy, status, code):
     with pytest.raises(APIError) as info:
         _fetch(image_server.base + path, policy)
     assert (info.value.status, info.value.code) == (status, code)
+
+
+# --- hardening: encoded bodies, DNS, ports, every address, control characters, crafted headers -------------------------
+
+
+class _EncodedHandler(BaseHTTPRequestHandler):
+    """/bomb.png: a PNG content type whose body is 50 MB of zeros gzipped twice (a few hundred bytes on the wire),
+    sent with ``Content-Encoding: gzip, gzip``; /gzip.png: the test PNG gzipped once. Records Accept-Encoding."""
+
+    png = b""
+    bomb = b""
+    accept: list[str] = []
+
+    def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    def do_GET(self) -> None:
+        type(self).accept.append(self.headers.get("Accept-Encoding", ""))
+        if self.path == "/bomb.png":
+            body, coding = self.bomb, "gzip, gzip"
+        else:
+            body, coding = gzip.compress(self.png), "gzip"
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Encoding", coding)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            self.wfile.write(body)
+        except OSError:  # the client hangs up after the headers
+            pass
+
+
+@pytest.fixture(scope="module")
+def encoded_server(png):  # type: ignore[no-untyped-def]
+    bomb = gzip.compress(gzip.compress(b"\0" * (50 * 1024 * 1024), 9), 9)  # made here: tracemalloc sees all threads
+    handler = type("Encoded", (_EncodedHandler,), {"png": png, "bomb": bomb, "accept": []})
+    with http_server(handler) as base:
+        yield base, handler.accept
+
+
+@pytest.mark.parametrize("path", ["/bomb.png", "/gzip.png"])
+def test_content_encodings_are_refused_not_decoded(encoded_server, path):
+    """A stacked-gzip bomb (~250 B -> 50 MB in one read when decoded) is refused on its header: the gateway asks for
+    identity, reads raw bytes only, and never runs a decoder (peak allocation stays far below the decoded size)."""
+    base, accept = encoded_server
+    tracemalloc.start()
+    try:
+        with pytest.raises(APIError) as info:
+            _fetch(base + path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (info.value.status, info.value.code) == (400, "image_fetch_failed")
+    assert "Content-Encoding" in info.value.message and accept[-1] == "identity"
+    assert peak < 5 * 1024 * 1024, peak
+
+
+def test_dns_timeout_names_the_host():
+    async def slow(host: str, _port: int) -> list[str]:
+        await asyncio.sleep(5)
+        return ["93.184.216.34"]
+
+    t0 = time.monotonic()
+    with pytest.raises(APIError) as info:
+        asyncio.run(vet("http://slow.dns.test/a.png", ImagePolicy(dns_timeout_s=0.2), slow))
+    assert time.monotonic() - t0 < 2
+    assert (info.value.status, info.value.code) == (400, "image_fetch_failed")
+    assert "slow.dns.test" in info.value.message and "longer than 0.2 s" in info.value.message
+
+
+def test_system_resolver_has_its_own_bounded_pool(monkeypatch):
+    """getaddrinfo runs in the DNS pool, never the default executor; a hanging lookup is cut by dns_timeout_s and
+    the default executor stays free meanwhile."""
+    release = threading.Event()
+    threads: list[str] = []
+
+    def fake_getaddrinfo(host, port, *args, **kwargs):  # type: ignore[no-untyped-def]
+        threads.append(threading.current_thread().name)
+        if host == "hang.test":
+            release.wait(10)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
+        policy = ImagePolicy(dns_timeout_s=0.3)
+        hung = [asyncio.create_task(vet(f"http://hang.test/{i}.png", policy)) for i in range(20)]
+        await asyncio.sleep(0.05)
+        # the default executor (one thread here) is not taken by the hanging lookups
+        assert await asyncio.wait_for(loop.run_in_executor(None, lambda: 42), 1) == 42
+        for result in await asyncio.gather(*hung, return_exceptions=True):
+            assert isinstance(result, APIError) and result.code == "image_fetch_failed", result
+        release.set()
+        _, ips = await vet("http://ok.test/a.png", policy)
+        assert ips == ["93.184.216.34"]
+
+    asyncio.run(main())
+    assert threads and all(name.startswith("mgm-dns") for name in threads), threads
+    assert len(threads) <= 8 + 1  # queued lookups whose caller gave up never ran
+
+
+def test_ports_other_than_80_and_443_are_refused():
+    calls: list[str] = []
+    resolve = _resolver({"ok.test": ["93.184.216.34"], "lo.test": ["127.0.0.1"]}, calls)
+    for url in ("http://ok.test:8080/a.png", "https://ok.test:8443/a.png", "http://93.184.216.34:22/",
+                "http://ok.test:6379/a.png"):
+        with pytest.raises(ImageURLRefused, match="port"):
+            asyncio.run(vet(url, ImagePolicy(), resolve))
+    assert calls == []  # refused before any DNS work
+    for url in ("http://ok.test/a.png", "http://ok.test:443/a.png", "https://ok.test:80/a.png"):
+        asyncio.run(vet(url, ImagePolicy(), resolve))
+    asyncio.run(vet("http://ok.test:8080/a.png", ImagePolicy(allowed_ports=(80, 8080)), resolve))
+    # the test-only loopback switch allows any port for loopback targets only
+    asyncio.run(vet("http://lo.test:8080/a.png", ImagePolicy(allow_loopback=True), resolve))
+    with pytest.raises(ImageURLRefused, match="port 8080"):
+        asyncio.run(vet("http://ok.test:8080/a.png", ImagePolicy(allow_loopback=True), resolve))
+
+
+def test_redirect_to_a_refused_port_is_refused(image_server):
+    with pytest.raises(ImageURLRefused, match="port"):
+        _fetch(f"{image_server.base}/redirect?to=http://93.184.216.34:8080/a.png")
+
+
+def test_every_resolved_address_is_tried_in_turn(image_server):
+    """The first address refuses the connection (nothing listens on 127.0.0.2), the second serves the image."""
+    port = image_server.base.rsplit(":", 1)[1]
+    resolve = _resolver({"two.test": ["127.0.0.2", "127.0.0.1"], "none.test": ["127.0.0.2", "127.0.0.3"]})
+    assert _fetch(f"http://two.test:{port}/img.png", resolver=resolve).startswith("data:image/png;base64,")
+    assert image_server.hosts[-1] == f"two.test:{port}"
+    with pytest.raises(APIError) as info:
+        _fetch(f"http://none.test:{port}/img.png", resolver=resolve)
+    assert (info.value.status, info.value.code) == (400, "image_fetch_failed")
+
+
+@pytest.mark.parametrize("url", ["http://example.com/a\x01.png", "http://example.com/a\x7f.png",
+                                 "http://exa\x00mple.com/a.png", "http://example.com/a\r\nX-Evil: 1", "http://ex\tample.com/"])
+def test_control_characters_in_image_urls_are_refused(url):
+    with pytest.raises(ImageURLRefused, match="control character"):
+        _fetch(url, ImagePolicy())
+
+
+def test_crafted_headers_any_pillow_error_is_a_400(png, monkeypatch):
+    """Whatever a format plugin raises on a crafted header (struct.error, IndexError, ...) is a 400 invalid_image;
+    formats outside the policy never reach their plugin."""
+    from PIL import PngImagePlugin, TiffImagePlugin
+
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    for exc in (struct.error("unpack requires a buffer"), IndexError("list index"), ZeroDivisionError(), KeyError(3)):
+        def boom(self, exc=exc):  # type: ignore[no-untyped-def]
+            raise exc
+
+        monkeypatch.setattr(PngImagePlugin.PngImageFile, "_open", boom)
+        with pytest.raises(APIError) as info:
+            check_data_url(url, ImagePolicy())
+        assert (info.value.status, info.value.code) == (400, "invalid_image")
+    monkeypatch.undo()
+
+    def never(self):  # type: ignore[no-untyped-def]
+        raise AssertionError("the TIFF plugin must not parse client bytes")
+
+    monkeypatch.setattr(TiffImagePlugin.TiffImageFile, "_open", never)
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="TIFF")
+    with pytest.raises(APIError, match="accepted format") as info:
+        check_data_url("data:image/tiff;base64," + base64.b64encode(buf.getvalue()).decode(), ImagePolicy())
+    assert info.value.status == 400

@@ -3,6 +3,7 @@ a loopback file server with hostile routes, and a resolver for the ``*.reliabili
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -19,11 +20,13 @@ from reliability_table import FAULTS_JSON
 
 class _Files(BaseHTTPRequestHandler):
     """/img.png, /slow.png (3 s), /huge.png (declares 50 MB, streams zeros), /huge-chunked.png (no length, streams
-    zeros), /text, /missing (404), /redirect?to=URL (302), /loop (redirects to itself)."""
+    zeros), /gzip-bomb.png (50 MB of zeros gzipped twice, ``Content-Encoding: gzip, gzip``), /text, /missing (404),
+    /redirect?to=URL (302), /redirect-host?name=NAME (302 to http://NAME:<this port>/img.png), /loop (redirects to
+    itself)."""
 
     protocol_version = "HTTP/1.1"
     seen: list[str] = []  # every request path (with query), in order
-
+    _bomb: bytes = b""
 
     def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
         pass
@@ -62,6 +65,16 @@ class _Files(BaseHTTPRequestHandler):
         elif url.path == "/huge-chunked.png":
             self._head(200, "image/png", {"Transfer-Encoding": "chunked"})
             self._stream_zeros(chunked=True)
+        elif url.path == "/gzip-bomb.png":
+            if not _Files._bomb:
+                _Files._bomb = gzip.compress(gzip.compress(b"\0" * (50 * 1024 * 1024), 9), 9)
+            try:  # the gateway hangs up after the headers
+                self._send(200, _Files._bomb, **{"Content-Encoding": "gzip, gzip"})
+            except OSError:
+                self.close_connection = True
+        elif url.path == "/redirect-host":
+            port = self.server.server_address[1]
+            self._send(302, b"", "text/plain", Location=f"http://{parse_qs(url.query)['name'][0]}:{port}/img.png")
         elif url.path == "/text":
             self._send(200, b"hello", "text/plain")
         elif url.path == "/redirect":

@@ -4,7 +4,8 @@ that the gateway still serves a good request); ``reliability_table.py`` renders 
 this list. Stdlib + Pillow only, so the table renders without a server.
 
 Placeholders in bodies and paths, filled by the test: ``{model}`` (the engine's model id), ``{files}`` (base URL of
-the test file server: /img.png, /slow.png, /huge.png, /huge-chunked.png, /text, /missing, /redirect?to=, /loop).
+the test file server: /img.png, /slow.png, /huge.png, /huge-chunked.png, /gzip-bomb.png, /text, /missing,
+/redirect?to=, /redirect-host?name=, /loop).
 
 Gateways (``gateway`` field): ``strict`` has the production image policy (no loopback targets); ``loopback`` lets
 image URLs reach the test file server on 127.0.0.1 (the test-only switch) with a 1 s fetch timeout and a 1 MiB cap.
@@ -14,6 +15,7 @@ one (unreachable) SDXL worker so the images API validates requests.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import socket
@@ -26,12 +28,18 @@ KEY = "sk-reliability"
 BODY_CAP = 1024 * 1024
 #: Test DNS: names the gateways' resolver knows (anything else does not resolve).
 DNS = {"metadata.reliability.test": ["169.254.169.254"], "private6.reliability.test": ["fd00::1"],
-       "mixed.reliability.test": ["93.184.216.34", "10.1.2.3"], "localhost": ["127.0.0.1", "::1"]}
+       "mixed.reliability.test": ["93.184.216.34", "10.1.2.3"], "localhost": ["127.0.0.1", "::1"],
+       # nothing listens on 127.0.0.2: the first address refuses the connection, the second is the file server
+       "two-addresses.reliability.test": ["127.0.0.2", "127.0.0.1"]}
+SLOW_DNS = "slow-dns.reliability.test"  # answers after 10 s (the gateways' DNS timeout is 2 s)
 
 
 async def dns_resolver(host: str, _port: int) -> list[str]:
     """The gateways' resolver in these tests (the gateway's ``Resolver`` signature): the DNS table, else only what
     libc parses as a numeric address without any lookup (``2130706433``, ``0x7f000001``, ``127.1``)."""
+    if host == SLOW_DNS:
+        await asyncio.sleep(10)
+        return ["93.184.216.34"]
     if host in DNS:
         return DNS[host]
     infos = socket.getaddrinfo(host, _port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)  # OSError if not
@@ -218,13 +226,18 @@ def _cases() -> list[Case]:
                       ("unspecified 0.0.0.0", "http://0.0.0.0/a.png"), ("IPv6 loopback [::1]", "http://[::1]/a.png"),
                       ("IPv6 unique-local [fd00::1]", "http://[fd00::1]/a.png"),
                       ("IPv6 link-local [fe80::1]", "http://[fe80::1]/a.png"),
+                      ("IPv6 site-local (deprecated) [fec0::1]", "http://[fec0::1]/a.png"),
                       ("IPv4-mapped metadata [::ffff:169.254.169.254]", "http://[::ffff:169.254.169.254]/"),
                       ("DNS name resolving to 169.254.169.254", "http://metadata.reliability.test/a.png"),
                       ("DNS name resolving to fd00::1", "http://private6.reliability.test/a.png"),
-                      ("DNS name with one public and one private address", "http://mixed.reliability.test/a.png")]:
+                      ("DNS name with one public and one private address", "http://mixed.reliability.test/a.png"),
+                      ("public address on port 8080 (only 80/443)", "http://93.184.216.34:8080/a.png"),
+                      ("control character in the URL", "http://example.com/a\x01.png")]:
         add(Case("image URLs", name, 400, refused, URL, body=_image(url)))
     add(Case("image URLs", "DNS name that does not resolve", 400, "image_fetch_failed", URL,
              body=_image("http://nowhere.reliability.test/a.png")))
+    add(Case("image URLs", "DNS answer slower than the DNS timeout (2 s)", 400, "image_fetch_failed", URL,
+             body=_image(f"http://{SLOW_DNS}/a.png")))
     # --- image URLs: fetching (the loopback gateway reaches the test file server) --------------------------------
     for name, target in [("redirect to 10.0.0.1", "http://10.0.0.1/a.png"),
                          ("redirect to 169.254.169.254", "http://169.254.169.254/latest/meta-data/"),
@@ -242,11 +255,15 @@ def _cases() -> list[Case]:
              body=_image("{files}/huge.png"), gateway="loopback"))
     add(Case("image URLs", "huge file, chunked without a length (cap 1 MiB)", 413, "image_too_large", URL,
              body=_image("{files}/huge-chunked.png"), gateway="loopback"))
+    add(Case("image URLs", "gzip bomb: `Content-Encoding: gzip, gzip`, ~250 B for 50 MB", 400, "image_fetch_failed",
+             URL, body=_image("{files}/gzip-bomb.png"), gateway="loopback"))
     add(Case("image URLs", "not an image content type", 400, "invalid_image", URL, body=_image("{files}/text"),
              gateway="loopback"))
     add(Case("image URLs", "HTTP 404", 400, "image_fetch_failed", URL, body=_image("{files}/missing"),
              gateway="loopback"))
     add(Case("image URLs", "allowed URL (control)", 200, None, body=_image("{files}/img.png"), gateway="loopback"))
+    add(Case("image URLs", "DNS name whose first address refuses the connection (the next one serves)", 200, None,
+             body=_image("{files}/redirect-host?name=two-addresses.reliability.test"), gateway="loopback"))
     # --- images API -----------------------------------------------------------------------------------------------
     for name, fields, param in [("size not WxH", {"size": "big"}, "size"),
                                 ("size not a multiple of 8", {"size": "100x100"}, "size"),
