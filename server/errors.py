@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 logger = logging.getLogger("mgm.errors")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+          404: "invalid_request_error", 405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
           422: "invalid_request_error", 429: "rate_limit_error"}
 
 

@@ -12,7 +12,12 @@ from server import errors
 from server.gateway.config import GatewayConfig
 from server.gateway.image_fetch import Resolver, system_resolver
 from server.gateway.image_store import FILES_PATH
-from server.gateway.middleware import AdmissionMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from server.gateway.middleware import (
+    AdmissionMiddleware,
+    BodyLimitMiddleware,
+    ClientTimeoutMiddleware,
+    MetricsMiddleware,
+)
 from server.gateway.playground import create_router as playground_router
 from server.gateway.routes import ROUTERS
 from server.gateway.state import Gateway
@@ -38,11 +43,14 @@ def create_app(config: GatewayConfig, resolver: Resolver = system_resolver) -> F
         app.include_router(router)
     app.include_router(playground_router())  # the static playground page at / (server.gateway.playground)
 
-    # Middleware, innermost first (add_middleware wraps what is there): the body cap, admission, then metrics
-    # around everything, so refusals are counted too.
+    # Middleware, innermost first (add_middleware wraps what is there): the body cap, admission, client timeouts
+    # (which end whatever a stuck client holds, its admission slot included), then metrics around everything, so
+    # refusals are counted too.
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
     app.add_middleware(AdmissionMiddleware, keys=gateway.api_keys,
                        guarded={"/v1/chat/completions": gateway.admission})
+    app.add_middleware(ClientTimeoutMiddleware, metrics=gateway.metrics, read_timeout_s=config.client_read_timeout_s,
+                       write_timeout_s=config.client_write_timeout_s)
     routes = frozenset(path for r in app.routes if "{" not in (path := getattr(r, "path", "")) and path
                        != app.openapi_url)
     app.add_middleware(MetricsMiddleware, metrics=gateway.metrics, routes=routes,

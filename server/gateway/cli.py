@@ -49,6 +49,10 @@ def register(sub: SubParsers, common: argparse.ArgumentParser) -> None:
     add_flag(p, "--max-image-bytes", env="MGM_MAX_IMAGE_BYTES", type=int, default=img.max_bytes)
     add_flag(p, "--max-image-pixels", env="MGM_MAX_IMAGE_PIXELS", type=int, default=img.max_pixels)
     add_flag(p, "--image-fetch-timeout", env="MGM_IMAGE_FETCH_TIMEOUT", type=float, default=img.timeout_s)
+    add_flag(p, "--image-dns-timeout", env="MGM_IMAGE_DNS_TIMEOUT", type=float, default=img.dns_timeout_s,
+             help="seconds resolving an image URL's host may take before 400")
+    add_flag(p, "--allowed-image-port", env="MGM_ALLOWED_IMAGE_PORTS", action="append", type=int,
+             default=img.allowed_ports, metavar="PORT", help="port image URLs may use, repeatable")
     add_flag(p, "--max-body-bytes", env="MGM_MAX_BODY_BYTES", type=int, default=gw.max_body_bytes,
              help="request body cap; larger bodies get 413 before they are read")
     add_flag(p, "--chat-max-in-flight", env="MGM_CHAT_MAX_IN_FLIGHT", type=int, default=gw.chat_max_in_flight,
@@ -59,6 +63,10 @@ def register(sub: SubParsers, common: argparse.ArgumentParser) -> None:
              help="seconds a chat request may wait for a slot before 503")
     add_flag(p, "--drain-timeout", env="MGM_DRAIN_TIMEOUT", type=float, default=gw.drain_timeout_s,
              help="on SIGTERM: stop accepting and give in-flight requests this many seconds to finish, then exit 0")
+    add_flag(p, "--client-read-timeout", env="MGM_CLIENT_READ_TIMEOUT", type=float, default=gw.client_read_timeout_s,
+             help="longest pause while a request body arrives; then 408")
+    add_flag(p, "--client-write-timeout", env="MGM_CLIENT_WRITE_TIMEOUT", type=float,
+             default=gw.client_write_timeout_s, help="longest wait for a client to read its response; then it is cut")
     add_flag(p, "--discover-interval", env="MGM_DISCOVER_INTERVAL", type=float, default=gw.discover_interval_s,
              metavar="SECONDS", help="> 0: an engine/worker URL whose host is a DNS name (e.g. a Kubernetes headless "
              "Service) stands for every address it resolves to, re-resolved this often; 0: URLs used as given")
@@ -76,9 +84,11 @@ def run_gateway(args: argparse.Namespace) -> int:
             image_store_ttl_s=args.image_url_ttl, max_body_bytes=args.max_body_bytes,
             chat_max_in_flight=args.chat_max_in_flight, chat_max_queue=args.chat_max_queue,
             chat_queue_timeout_s=args.chat_queue_timeout, drain_timeout_s=args.drain_timeout,
+            client_read_timeout_s=args.client_read_timeout, client_write_timeout_s=args.client_write_timeout,
             discover_interval_s=args.discover_interval,
             images=ImagePolicy(timeout_s=args.image_fetch_timeout, max_bytes=args.max_image_bytes,
-                               max_pixels=args.max_image_pixels,
+                               max_pixels=args.max_image_pixels, dns_timeout_s=args.image_dns_timeout,
+                               allowed_ports=tuple(args.allowed_image_port),
                                allowed_domains=tuple(d.lower() for d in args.allowed_image_domains),
                                allow_loopback=args.unsafe_allow_loopback_images))
     except ValueError as exc:

@@ -20,6 +20,11 @@ class ImagePolicy:
     #: TEST ONLY: also allow loopback targets (127.0.0.0/8, ::1) so tests can serve images locally.
     allow_loopback: bool = False
     content_types: tuple[str, ...] = ("image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp")
+    #: Ports image URLs (and every redirect hop) may use; with ``allow_loopback`` any port is allowed for targets
+    #: that resolve to loopback only (tests serve images on random ports).
+    allowed_ports: tuple[int, ...] = (80, 443)
+    #: Name resolution for image hosts (its own small thread pool): longer than this → 400 image_fetch_failed.
+    dns_timeout_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,10 @@ class GatewayConfig:
     chat_queue_timeout_s: float = 60.0
     #: `mgm gateway` on SIGTERM: stop accepting, give in-flight requests this long to finish, then cut them.
     drain_timeout_s: float = 25.0
+    #: Slow clients (server.gateway.middleware.ClientTimeoutMiddleware): the longest pause allowed while a request
+    #: body arrives (408 after it) and while a response waits for the client to read (the connection is cut).
+    client_read_timeout_s: float = 30.0
+    client_write_timeout_s: float = 60.0
     connect_timeout_s: float = 3.0
     request_timeout_s: float = 600.0
     probe_interval_s: float = 2.0  # how often a down engine is re-probed
@@ -65,6 +74,8 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         if self.chat_max_in_flight < 1 or self.chat_max_queue < 0 or self.chat_queue_timeout_s <= 0:
             raise ValueError("chat_max_in_flight must be >= 1, chat_max_queue >= 0, chat_queue_timeout_s > 0")
+        if self.client_read_timeout_s <= 0 or self.client_write_timeout_s <= 0:
+            raise ValueError("client_read_timeout_s and client_write_timeout_s must be > 0")
         if self.drain_timeout_s < 0 or self.max_body_bytes < 1:
             raise ValueError("drain_timeout_s must be >= 0 and max_body_bytes >= 1")
         if self.sdxl_max_in_flight < 1 or self.sdxl_max_queue < 0 or self.image_store_ttl_s <= 0:

@@ -44,5 +44,8 @@ class GatewayMetrics:
         self.client_disconnects = Counter("mgm_gateway_client_disconnects",
                                           "Requests whose client left before the answer was complete", ["route"],
                                           registry=r)
+        self.client_timeouts = Counter("mgm_gateway_client_timeouts",
+                                       "Requests cut because the client paused too long (read: its body, write: "
+                                       "reading the response)", ["direction"], registry=r)
         self.images_generated = Counter("mgm_gateway_images_generated", "Images returned by route", ["route"],
                                         registry=r)

@@ -1,8 +1,11 @@
-"""The gateway's ASGI middleware, outermost first: metrics, admission, body limit. Each is a plain ASGI callable and
-acts before FastAPI reads a body, so a refused request costs neither the upload nor the parse:
+"""The gateway's ASGI middleware, outermost first: metrics, client timeouts, admission, body limit. Each is a plain
+ASGI callable and acts before FastAPI reads a body, so a refused request costs neither the upload nor the parse:
 
 * :class:`MetricsMiddleware` counts every response by route and status and times it to its last byte (streams
   included);
+* :class:`ClientTimeoutMiddleware` bounds how long a slow client can hold the gateway: a pause longer than the read
+  timeout while its body arrives is a 408, a response it does not read for longer than the write timeout is cut (and
+  whatever the request held, an admission slot or an engine, is released with it);
 * :class:`AdmissionMiddleware` authenticates, then takes an admission slot for the routes it guards (429/503 +
   ``retry-after`` when the gateway is full), held until the response's last byte;
 * :class:`BodyLimitMiddleware` refuses a declared ``Content-Length`` over the cap at once and stops a chunked body
@@ -11,6 +14,8 @@ acts before FastAPI reads a body, so a refused request costs neither the upload 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -19,6 +24,8 @@ from server.errors import APIError
 from server.gateway.admission import Admission
 from server.gateway.auth import APIKeys
 from server.gateway.metrics import GatewayMetrics
+
+logger = logging.getLogger("mgm.gateway")
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -73,6 +80,51 @@ class MetricsMiddleware:
             gauge.dec()
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+
+class ClientGone(Exception):
+    """The client did not read the response in time; raised from ``send`` so the app stops producing it."""
+
+
+class ClientTimeoutMiddleware:
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics, read_timeout_s: float, write_timeout_s: float) -> None:
+        self.app, self.metrics = app, metrics
+        self.read_timeout_s, self.write_timeout_s = read_timeout_s, write_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body_done = False
+
+        async def timed_receive() -> Message:
+            nonlocal body_done
+            if body_done:  # afterwards receive() only waits for the disconnect: no limit
+                return await receive()
+            try:
+                async with asyncio.timeout(self.read_timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                self.metrics.client_timeouts.labels("read").inc()
+                raise APIError(408, f"The request body paused for more than {self.read_timeout_s:g} s.",
+                               code="request_timeout") from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        async def timed_send(message: Message) -> None:
+            try:
+                async with asyncio.timeout(self.write_timeout_s):  # send() waits while the client's window is full
+                    await send(message)
+            except TimeoutError:
+                self.metrics.client_timeouts.labels("write").inc()
+                logger.warning("client stopped reading; response cut",
+                               extra={"fields": {"path": scope["path"], "after_s": self.write_timeout_s}})
+                raise ClientGone from None
+
+        try:
+            await self.app(scope, timed_receive, timed_send)
+        except ClientGone:
+            pass  # the response had started: nothing more can be said; uvicorn closes the connection
 
 
 class AdmissionMiddleware:
