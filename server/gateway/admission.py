@@ -2,9 +2,9 @@
 ``max_queue`` more wait for a slot (FIFO); past that a request is refused at once with 429 + ``retry-after``, and a
 request that waited ``queue_timeout_s`` without getting a slot gets 503 + ``retry-after``.
 
-The gateway admits a chat request right after authentication, before it reads the body, fetches remote images or
-talks to an engine, so an overloaded gateway answers quickly and spends nothing on work it cannot do. A streaming
-response keeps its slot until the stream ends.
+The gateway admits a chat or images request right after authentication, before it reads the body, fetches remote
+images or talks to an engine (:class:`server.gateway.middleware.AdmissionMiddleware`), so an overloaded gateway
+answers quickly and spends nothing on work it cannot do. A streaming response keeps its slot until the stream ends.
 """
 
 from __future__ import annotations
@@ -18,15 +18,14 @@ from server.errors import APIError
 
 class Admission:
     def __init__(self, max_in_flight: int, max_queue: int, queue_timeout_s: float, retry_after_s: int,
-                 on_change: Callable[[int, int], None] = lambda _in_flight, _waiting: None,
-                 on_reject: Callable[[str], None] = lambda _reason: None) -> None:
+                 on_change: Callable[[int, int], None] = lambda _in_flight, _waiting: None) -> None:
         if max_in_flight < 1 or max_queue < 0 or queue_timeout_s <= 0:
             raise ValueError("max_in_flight must be >= 1, max_queue >= 0 and queue_timeout_s > 0")
         self.max_in_flight, self.max_queue = max_in_flight, max_queue
         self.queue_timeout_s, self.retry_after_s = queue_timeout_s, retry_after_s
         self.in_flight = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._on_change, self._on_reject = on_change, on_reject
+        self._on_change = on_change
 
     @property
     def waiting(self) -> int:
@@ -42,7 +41,6 @@ class Admission:
             self.in_flight += 1
         else:
             if len(self._waiters) >= self.max_queue:
-                self._on_reject("queue_full")
                 raise APIError(429, f"The gateway is at capacity ({self.max_in_flight} requests in flight, "
                                f"{self.max_queue} waiting); retry later.", code="queue_full",
                                headers={"retry-after": str(self.retry_after_s)})
@@ -60,7 +58,6 @@ class Admission:
                 self._changed()
                 if isinstance(exc, asyncio.CancelledError):
                     raise
-                self._on_reject("queue_timeout")
                 raise APIError(503, f"No capacity became free within {self.queue_timeout_s:g} s; retry later.",
                                type_="server_error", code="queue_timeout",
                                headers={"retry-after": str(self.retry_after_s)}) from None

@@ -55,6 +55,8 @@ def register(sub: SubParsers, common: argparse.ArgumentParser) -> None:
              default=img.allowed_ports, metavar="PORT", help="port image URLs may use, repeatable")
     add_flag(p, "--max-body-bytes", env="MGM_MAX_BODY_BYTES", type=int, default=gw.max_body_bytes,
              help="request body cap; larger bodies get 413 before they are read")
+    add_flag(p, "--max-json-items", env="MGM_MAX_JSON_ITEMS", type=int, default=gw.max_json_items,
+             help="JSON values one request body may hold; beyond that 413 before it is parsed")
     add_flag(p, "--chat-max-in-flight", env="MGM_CHAT_MAX_IN_FLIGHT", type=int, default=gw.chat_max_in_flight,
              help="chat requests served at once")
     add_flag(p, "--chat-max-queue", env="MGM_CHAT_MAX_QUEUE", type=int, default=gw.chat_max_queue,
@@ -81,7 +83,7 @@ def run_gateway(args: argparse.Namespace) -> int:
             engines=tuple(args.engine), api_keys=tuple(args.api_key), model_name=args.model_name,
             sdxl_workers=tuple(args.sdxl_worker), image_model_name=args.image_model_name,
             sdxl_max_in_flight=args.sdxl_max_in_flight, sdxl_max_queue=args.sdxl_max_queue,
-            image_store_ttl_s=args.image_url_ttl, max_body_bytes=args.max_body_bytes,
+            image_store_ttl_s=args.image_url_ttl, max_body_bytes=args.max_body_bytes, max_json_items=args.max_json_items,
             chat_max_in_flight=args.chat_max_in_flight, chat_max_queue=args.chat_max_queue,
             chat_queue_timeout_s=args.chat_queue_timeout, drain_timeout_s=args.drain_timeout,
             client_read_timeout_s=args.client_read_timeout, client_write_timeout_s=args.client_write_timeout,

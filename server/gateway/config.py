@@ -52,6 +52,8 @@ class GatewayConfig:
     enhance_temperature: float = 0.2
     images: ImagePolicy = ImagePolicy()
     max_body_bytes: int = 64 * 1024 * 1024  # request body cap (413 above)
+    #: JSON values one body may hold (counted as commas while it arrives): bounds what parsing it costs (413 above).
+    max_json_items: int = 200_000
     #: Chat admission (server.gateway.admission): requests served at once, requests waiting for a slot (429 beyond),
     #: and how long one may wait (503 after that).
     chat_max_in_flight: int = 256
@@ -76,8 +78,8 @@ class GatewayConfig:
             raise ValueError("chat_max_in_flight must be >= 1, chat_max_queue >= 0, chat_queue_timeout_s > 0")
         if self.client_read_timeout_s <= 0 or self.client_write_timeout_s <= 0:
             raise ValueError("client_read_timeout_s and client_write_timeout_s must be > 0")
-        if self.drain_timeout_s < 0 or self.max_body_bytes < 1:
-            raise ValueError("drain_timeout_s must be >= 0 and max_body_bytes >= 1")
+        if self.drain_timeout_s < 0 or self.max_body_bytes < 1 or self.max_json_items < 1:
+            raise ValueError("drain_timeout_s must be >= 0, max_body_bytes and max_json_items >= 1")
         if self.sdxl_max_in_flight < 1 or self.sdxl_max_queue < 0 or self.image_store_ttl_s <= 0:
             raise ValueError("sdxl_max_in_flight must be >= 1, sdxl_max_queue >= 0, image_store_ttl_s > 0")
         for url in self.sdxl_workers:

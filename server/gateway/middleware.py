@@ -8,8 +8,8 @@ ASGI callable and acts before FastAPI reads a body, so a refused request costs n
   whatever the request held, an admission slot or an engine, is released with it);
 * :class:`AdmissionMiddleware` authenticates, then takes an admission slot for the routes it guards (429/503 +
   ``retry-after`` when the gateway is full), held until the response's last byte;
-* :class:`BodyLimitMiddleware` refuses a declared ``Content-Length`` over the cap at once and stops a chunked body
-  the moment it passes the cap (413 ``request_too_large`` either way).
+* :class:`BodyLimitMiddleware` refuses a declared ``Content-Length`` over the cap at once and stops a body the
+  moment it passes the byte cap or, for JSON, the cap on its number of values (413 ``request_too_large``).
 """
 
 from __future__ import annotations
@@ -128,11 +128,12 @@ class ClientTimeoutMiddleware:
 
 
 class AdmissionMiddleware:
-    """``guarded``: path → the :class:`Admission` its POST requests go through. The key is checked first: a caller
-    without one gets 401 and never a slot."""
+    """``guarded``: path → the :class:`Admission` its POST requests go through (chat and images share one, so the
+    images API's re-caption calls count against the same capacity as chat). The key is checked first: a caller
+    without one gets 401 and never a slot. Refusals are counted in ``mgm_gateway_rejected_total{route,reason}``."""
 
-    def __init__(self, app: ASGIApp, keys: APIKeys, guarded: Mapping[str, Admission]) -> None:
-        self.app, self.keys, self.guarded = app, keys, guarded
+    def __init__(self, app: ASGIApp, keys: APIKeys, guarded: Mapping[str, Admission], metrics: GatewayMetrics) -> None:
+        self.app, self.keys, self.guarded, self.metrics = app, keys, guarded, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         admission = self.guarded.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
@@ -141,8 +142,13 @@ class AdmissionMiddleware:
             return
         try:
             self.keys.check(_header(scope, b"authorization"))
+        except APIError as err:
+            await _refuse(err, scope, receive, send)
+            return
+        try:
             release = await admission.acquire()
         except APIError as err:
+            self.metrics.rejected.labels(scope["path"], err.code or "").inc()
             await _refuse(err, scope, receive, send)
             return
         try:
@@ -152,11 +158,20 @@ class AdmissionMiddleware:
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    """Caps a body's bytes and, for JSON bodies, its number of values: parsing turns a body of many small values into
+    ~50x its size in Python objects (64 MiB of ``[0,0,…]`` would be gigabytes), while an image body is a few long
+    base64 strings. Commas are counted as the bytes arrive (every array item and object member after the first brings
+    one), so the cap holds before anything is parsed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, max_json_items: int) -> None:
+        self.app, self.max_bytes, self.max_json_items = app, max_bytes, max_json_items
 
     def _too_large(self) -> APIError:
         return APIError(413, f"Request body is larger than {self.max_bytes} bytes.", code="request_too_large")
+
+    def _too_many(self) -> APIError:
+        return APIError(413, f"Request body has more than {self.max_json_items} JSON values.",
+                        code="request_too_large")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -166,15 +181,22 @@ class BodyLimitMiddleware:
         if length.isdigit() and int(length) > self.max_bytes:  # refused before a byte of it is read
             await _refuse(self._too_large(), scope, receive, send)
             return
-        seen = 0
+        ctype = (_header(scope, b"content-type") or "").split(";", 1)[0].strip().lower()
+        count_items = ctype in ("", "application/json") or ctype.endswith("+json")
+        seen = items = 0
 
         async def capped() -> Message:
-            nonlocal seen
+            nonlocal seen, items
             message = await receive()
             if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
+                chunk = message.get("body", b"")
+                seen += len(chunk)
                 if seen > self.max_bytes:  # raised inside the body read: the app's error handler answers 413
                     raise self._too_large()
+                if count_items:
+                    items += chunk.count(b",")
+                    if items > self.max_json_items:
+                        raise self._too_many()
             return message
 
         await self.app(scope, capped, send)

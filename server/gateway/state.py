@@ -39,8 +39,7 @@ class Gateway:
         self.api_keys = APIKeys(config.api_keys)
         self.store = ImageStore(config.image_store_ttl_s, config.image_store_max_items, config.image_store_max_bytes)
         self.admission = Admission(config.chat_max_in_flight, config.chat_max_queue, config.chat_queue_timeout_s,
-                                   config.retry_after_s, on_change=self._admission_changed,
-                                   on_reject=self._admission_rejected)
+                                   config.retry_after_s, on_change=self._admission_changed)
         self.client: httpx.AsyncClient | None = None  # probes, SDXL workers
         self.engine_client: EngineClient | None = None  # chat requests (server.gateway.upstream)
         self.sdxl = None
@@ -48,9 +47,6 @@ class Gateway:
     def _admission_changed(self, in_flight: int, waiting: int) -> None:
         self.metrics.chat_in_flight.set(in_flight)
         self.metrics.chat_queue_depth.set(waiting)
-
-    def _admission_rejected(self, reason: str) -> None:
-        self.metrics.rejected.labels("/v1/chat/completions", reason).inc()
 
     async def start(self) -> None:
         cfg = self.config

@@ -144,6 +144,8 @@ def _cases() -> list[Case]:
     add(Case("body", "empty body", 400, "invalid_json", raw=b""))
     add(Case("body", "JSON array instead of an object", 400, "invalid_body", body=[1, 2]))
     add(Case("body", "JSON nested 5000 deep", 400, "invalid_json", raw=b"[" * 5000 + b"]" * 5000))
+    add(Case("body", "250001 JSON values in 500 KB (cap 200000)", 413, "request_too_large",
+             raw=b"[" + b"0," * 250_000 + b"0]"))
     add(Case("body", "body over the cap (Content-Length)", 413, "request_too_large", raw=b"x" * (BODY_CAP + 1)))
     add(Case("body", "body over the cap (chunked, no Content-Length)", 413, "request_too_large",
              raw=b"x" * (BODY_CAP + 1), chunked=True))

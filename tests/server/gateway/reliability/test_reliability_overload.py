@@ -1,4 +1,4 @@
-"""Overload: the chat admission bound (max in flight + max waiting) answers 429 + retry-after at once, before the
+"""Overload: the admission bound of chat and images (max in flight + max waiting) answers 429 + retry-after at once, before the
 body is read or any image is fetched; a request that waited too long gets 503 + retry-after; a body that declares
 more than the cap gets 413 before a byte of it is sent. Real gateway, real session engine, real sockets."""
 
@@ -47,7 +47,11 @@ def test_full_queue_is_429_before_any_image_fetch(engine, gateway_server, files,
             assert r.status_code == 429 and r.headers["retry-after"] == "2", r.text
             assert r.json()["error"]["code"] == "queue_full" and r.json()["error"]["type"] == "rate_limit_error"
         assert not any("overload-probe" in p for p in files.seen)  # never fetched
-        assert metric(gw, "mgm_gateway_rejected_total", reason="queue_full") == 20
+        assert metric(gw, "mgm_gateway_rejected_total", route="/v1/chat/completions", reason="queue_full") == 20
+        # the images API shares the admission (its MGM re-caption call uses engine capacity too)
+        r = httpx.post(gw + "/v1/images/generations", json={"prompt": "a fox"}, timeout=10)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full", r.text
+        assert metric(gw, "mgm_gateway_rejected_total", route="/v1/images/generations", reason="queue_full") == 1
         for thread in holders:
             thread.join(120)
         assert [r.status_code for r in done] == [200, 200]  # the admitted and the queued one both complete
