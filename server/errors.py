@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("mgm.errors")
@@ -130,7 +131,10 @@ def install(app: Any, on_validation_error: Callable[[], None] = lambda: None) ->
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 400 and exc.detail == _FASTAPI_BODY_ERROR:  # e.g. JSON nested too deep to parse
+        if exc.status_code == 400 and exc.detail == _FASTAPI_BODY_ERROR:
+            if isinstance(exc.__cause__, ClientDisconnect):  # the client hung up mid-upload: not our failure
+                return APIError(499, "The client closed the request.", code="client_closed").response()
+            # e.g. JSON nested too deep to parse
             return APIError(400, "We could not parse the JSON body of your request.", code="invalid_json").response()
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return APIError(exc.status_code, str(exc.detail), code=code,

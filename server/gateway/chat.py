@@ -15,7 +15,7 @@ from server.gateway.image_fetch import Resolver, inline_images
 from server.gateway.image_generation import ImagesService
 from server.gateway.metrics import GatewayMetrics
 from server.gateway.models import ModelCatalog
-from server.gateway.protocol import ChatCompletionRequest
+from server.gateway.protocol import ENGINE_EXTRAS, GATEWAY_EXTRAS, ChatCompletionRequest
 from server.gateway.relay import ChatRelay
 
 logger = logging.getLogger("mgm.gateway")
@@ -36,13 +36,18 @@ class ChatService:
 
     async def create(self, req: ChatCompletionRequest, base_url: str) -> Response:
         # 1. The model must be one of ours (unknown while no engine has answered yet: then the engine decides).
-        if unknown := req.unknown_fields():
-            logger.info("request has fields outside the OpenAI schema; forwarded to the engine",
-                        extra={"fields": {"fields": ",".join(unknown)}})
+        unknown = req.unknown_fields()
+        if unknown:
+            logger.info("request has fields outside the OpenAI schema", extra={"fields": {"fields": ",".join(unknown)}})
         self._check_model(req.model)
-        # 2. The engine's body. vLLM's chat path tokenises without special tokens, but the official MGM prompt ids
-        #    start with BOS: ask for it (image prompts get the official ids either way; the processor rebuilds them).
+        # 2. The engine's body: only the extras the engine may see (protocol.ENGINE_EXTRAS). vLLM's chat path
+        #    tokenises without special tokens, but the official MGM prompt ids start with BOS: ask for it (image
+        #    prompts get the official ids either way; the processor rebuilds them).
         body = req.model_dump(exclude_unset=True)
+        if dropped := [k for k in unknown if k not in ENGINE_EXTRAS and k not in GATEWAY_EXTRAS]:
+            for key in dropped:
+                del body[key]
+            logger.info("fields not passed to the engine", extra={"fields": {"fields": ",".join(dropped)}})
         body.setdefault("add_special_tokens", True)
         generation = Generation.prepare(self.images, body, base_url)
         await inline_images(body, self.config.images, self.resolver, self.metrics)

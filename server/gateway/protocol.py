@@ -1,8 +1,10 @@
 """The gateway's protocol: pydantic models of the OpenAI requests it validates, and the response shapes its OpenAPI
 document declares. The API itself is described in docs/api.md.
 
-Requests accept unknown fields (``extra="allow"``): the gateway logs their names and forwards them, so vLLM extras
-such as ``top_k`` or ``ignore_eos`` keep working. Content parts are limited to ``text`` and ``image_url``: other part
+Requests accept unknown fields (``extra="allow"``): the gateway logs their names and forwards to the engine only
+those in :data:`ENGINE_EXTRAS` (vLLM's sampling extras such as ``top_k`` or ``ignore_eos``); the rest are dropped, so
+a client cannot reach engine switches the gateway does not vouch for (``chat_template``, ``mm_processor_kwargs``,
+``kv_transfer_params``, …). Content parts are limited to ``text`` and ``image_url``: other part
 types (``video_url``, ``audio_url``, …) would make an engine fetch URLs itself and are refused.
 
 Response models are documentation only (handlers return JSON themselves); they accept extra fields because engines
@@ -54,6 +56,18 @@ class StreamOptions(_Open):
 class ResponseFormat(_Open):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: dict[str, Any] | None = None
+
+
+#: Fields outside the OpenAI schema that are passed on to the engine: vLLM's sampling and output extras, and the
+#: OpenAI fields vLLM understands that the model above does not spell out.
+ENGINE_EXTRAS = frozenset({
+    "top_k", "min_p", "repetition_penalty", "length_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
+    "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens", "bad_words",
+    "allowed_token_ids", "truncate_prompt_tokens", "prompt_logprobs", "structured_outputs", "return_token_ids",
+    "return_tokens_as_token_ids", "add_special_tokens", "priority", "cache_salt", "logit_bias", "user",
+})
+#: Gateway extensions read off the body before it goes to the engine (any-to-any generation).
+GATEWAY_EXTRAS = frozenset({"modalities", "image_options"})
 
 
 class ChatCompletionRequest(_Open):

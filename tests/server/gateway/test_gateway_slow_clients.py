@@ -116,3 +116,23 @@ def test_a_stream_nobody_reads_is_cut_and_frees_its_slot(slow_gateway):
                       json={"model": "firehose", "messages": MSG, "stream": True}) as r:
         assert r.status_code == 200
         assert sum(len(b) for b in r.iter_bytes()) > 10_000_000  # a client that reads gets the whole stream
+
+
+def test_a_client_hanging_up_mid_upload_is_a_499_not_a_500(slow_gateway):
+    base, gateway = slow_gateway
+    _wait(lambda: _free(gateway), "an earlier request still holds the slot")
+
+    def count(status: str) -> float:
+        value = gateway.metrics.registry.get_sample_value(
+            "mgm_gateway_requests_total", {"route": "/v1/chat/completions", "status": status})
+        return value or 0.0
+
+    before = count("499")
+    sock = _connect(base)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 1000\r\n\r\n" + b'{"model": "firehose"')
+    time.sleep(0.1)
+    sock.close()
+    _wait(lambda: count("499") == before + 1, "the hang-up was not counted as 499")
+    assert count("500") == 0
+    _wait(lambda: _free(gateway), "the slot was not released")

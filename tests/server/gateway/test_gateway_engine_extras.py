@@ -1,0 +1,62 @@
+"""What reaches the engine: OpenAI fields and the allow-listed vLLM extras pass, other unknown top-level fields
+(engine switches such as ``chat_template``) are dropped and logged. An http.server stands in for the engine and
+records the body it got; the gateway is real."""
+
+from __future__ import annotations
+
+import json
+from http.server import BaseHTTPRequestHandler
+
+import httpx
+import pytest
+
+from server.gateway.config import GatewayConfig
+from support.live import http_server
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    bodies: list[dict] = []  # type: ignore[type-arg]
+
+    def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    def _json(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self._json(b'{"object":"list","data":[{"id":"rec","object":"model"}]}' if self.path == "/v1/models" else b"{}")
+
+    def do_POST(self) -> None:
+        type(self).bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self._json(json.dumps({"id": "c", "object": "chat.completion", "created": 1, "model": "rec", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}).encode())
+
+
+@pytest.fixture(scope="module")
+def recording_gateway(gateway_server):  # type: ignore[no-untyped-def]
+    with http_server(_Recorder) as engine:
+        with gateway_server(GatewayConfig(engines=(engine,), probe_interval_s=0.2)) as base:
+            yield base
+
+
+def test_only_allow_listed_extras_reach_the_engine(recording_gateway, caplog):
+    body = {"model": "rec", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "top_k": 5,
+            "ignore_eos": True, "structured_outputs": {"regex": "a+"}, "user": "u1",
+            "chat_template": "{{ 'pwned' }}", "mm_processor_kwargs": {"x": 1}, "kv_transfer_params": {}}
+    with caplog.at_level("INFO", logger="mgm.gateway"):
+        for _ in range(20):  # the engine may not have been probed yet on the first try
+            r = httpx.post(recording_gateway + "/v1/chat/completions", json=body, timeout=10)
+            if r.status_code == 200:
+                break
+    assert r.status_code == 200, r.text
+    got = _Recorder.bodies[-1]
+    assert {k: got[k] for k in ("top_k", "ignore_eos", "structured_outputs", "user", "max_tokens")} == {
+        "top_k": 5, "ignore_eos": True, "structured_outputs": {"regex": "a+"}, "user": "u1", "max_tokens": 3}
+    assert not {"chat_template", "mm_processor_kwargs", "kv_transfer_params"} & set(got)
+    assert got["add_special_tokens"] is True  # the gateway's own addition
+    dropped = [r for r in caplog.records if r.getMessage() == "fields not passed to the engine"]
+    assert dropped and dropped[-1].fields == {"fields": "chat_template,kv_transfer_params,mm_processor_kwargs"}
