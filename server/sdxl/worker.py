@@ -19,10 +19,12 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
+import gc
 import io
 import logging
 import math
 import secrets
+import sys
 import threading
 import time
 import uuid
@@ -161,6 +163,24 @@ class JobFailed(Exception):
     pass
 
 
+class JobOutOfMemory(JobFailed):
+    """The batch ran out of (GPU) memory: the worker frees it and is not ready for a moment; retry elsewhere."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """``torch.cuda.OutOfMemoryError`` (matched by name: no torch import here) or any error that says so."""
+    return (any(c.__name__ == "OutOfMemoryError" for c in type(exc).__mro__)
+            or "out of memory" in str(exc).lower())
+
+
+def release_memory() -> None:
+    """Drop what the failed batch left behind: Python garbage first, then the CUDA caching allocator's free blocks."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 @dataclass(eq=False)  # identity equality: the queue removes *this* job
 class Job:
     id: str
@@ -187,7 +207,10 @@ class Worker:
         self.model_name = config.model_name or Path(config.model).resolve().name
         self.queue: JobQueue[Job] = JobQueue(config.max_batch, config.max_queue)
         self.metrics = Metrics()
-        self.state = "starting"  # starting → loading → warming → ready | failed; stopping at shutdown
+        self.state = "starting"  # starting → loading → warming → ready ⇄ recovering | failed; stopping at shutdown
+        #: After an out-of-memory batch: seconds the worker stays not-ready once the memory is freed, so the
+        #: gateway's probe sees it and sends jobs elsewhere (and other processes on the GPU settle).
+        self.oom_cooldown_s = 2.0
         self.runner: Any = None
         self.info: dict[str, Any] = {}
         self._runner_factory = runner_factory
@@ -217,7 +240,7 @@ class Worker:
 
     @property
     def alive(self) -> bool:
-        return self.state in ("starting", "loading", "warming", "ready", "stopping") and (
+        return self.state in ("starting", "loading", "warming", "ready", "recovering", "stopping") and (
             self._thread.is_alive() or self.state == "starting")
 
     @property
@@ -337,10 +360,16 @@ class Worker:
         except BatchCancelled:
             for job in batch:
                 self._finish(job, job.cancel_reason, exc=JobCancelled(job.cancel_reason))
-        except Exception as exc:  # a bad batch must not kill the worker; its jobs get a 500
-            logger.exception("pipeline call failed", extra={"fields": {"jobs": [j.id for j in batch]}})
+        except Exception as exc:  # a bad batch must not kill the worker; its jobs get a generic 500 (503 on OOM)
+            oom = is_out_of_memory(exc)
+            if oom:  # not ready before any client hears of the failure, so a retry does not land here again
+                self.state = "recovering"
+                self.metrics.ready.set(0)
+            # The detail (CUDA allocator figures, paths) goes to the log only; clients get the job id to quote.
+            logger.exception("pipeline call failed", extra={"fields": {
+                "jobs": [j.id for j in batch], "error": type(exc).__name__, "out_of_memory": oom}})
             for job in batch:
-                self._finish(job, "error", exc=JobFailed(f"{type(exc).__name__}: {exc}"))
+                self._finish(job, "error", exc=JobOutOfMemory(job.id) if oom else JobFailed(job.id))
         else:
             for job, imgs in zip(batch, res.images):
                 if imgs is None or job.cancel_event.is_set():
@@ -359,6 +388,21 @@ class Worker:
             self._batch_s = elapsed if self._batch_s is None else 0.8 * self._batch_s + 0.2 * elapsed
             logger.debug("batch done", extra={"fields": {"jobs": len(batch), "images": images,
                                                          "seconds": round(elapsed, 3), "key": key}})
+        if self.state == "recovering":  # outside the except block: the traceback's frames (and tensors) are gone
+            self._recover()
+
+    def _recover(self) -> None:
+        start = time.monotonic()
+        try:
+            release_memory()
+        except Exception:  # freeing failed: keep serving; the next batch tells whether the memory is there
+            logger.exception("freeing memory after out-of-memory failed")
+        self._stop.wait(max(0.0, self.oom_cooldown_s - (time.monotonic() - start)))
+        if self.state == "recovering":  # not stopping meanwhile
+            self.state = "ready"
+            self.metrics.ready.set(1)
+            logger.warning("SDXL worker ready again after out-of-memory",
+                           extra={"fields": {"seconds": round(time.monotonic() - start, 3)}})
 
 
 # --- HTTP ------------------------------------------------------------------------------------------------------------
@@ -457,10 +501,16 @@ def create_app(config: WorkerConfig, runner_factory: Callable[[PipelineOptions],
         except JobCancelled as exc:
             status, code = (503, "shutting_down") if str(exc) == "shutdown" else (499, "cancelled")
             return _error(status, f"Generation was cancelled ({exc}).", type_="server_error", code=code)
-        except JobFailed as exc:
-            code = "shutting_down" if worker.state == "stopping" else "generation_failed"
-            return _error(503 if code == "shutting_down" else 500, f"Generation failed: {exc}",
-                                  type_="server_error", code=code)
+        except JobFailed as exc:  # the message never carries the exception text (logged with the job id)
+            if worker.state == "stopping":
+                return _error(503, f"Generation was stopped: the SDXL worker is shutting down (job {job.id}).",
+                              type_="server_error", code="shutting_down", headers={"retry-after": "1"})
+            if isinstance(exc, JobOutOfMemory):
+                return _error(503, f"Generation failed: the SDXL worker ran out of memory (job {job.id}); retry "
+                                   "shortly.", type_="server_error", code="out_of_memory",
+                              headers={"retry-after": str(max(1, math.ceil(worker.oom_cooldown_s)))})
+            return _error(500, f"Generation failed (job {job.id}); the worker log has the details.",
+                          type_="server_error", code="generation_failed")
 
         png_start = time.monotonic()
         data = await run_in_threadpool(lambda: [_png_b64(img) for img in result.images])

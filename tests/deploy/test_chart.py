@@ -453,6 +453,57 @@ def test_ingress_routes_to_the_gateway(rendered: dict[str, Rendered]) -> None:
     assert not rendered["default"].kind("Ingress")
 
 
+def _routes(ing: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
+    return {rule["host"]: [(p["path"], p["pathType"]) for p in rule["http"]["paths"]] for rule in ing["spec"]["rules"]}
+
+
+def _routed(routes: list[tuple[str, str]], url_path: str) -> bool:
+    """Whether an Ingress path list sends ``url_path`` on (Kubernetes semantics: Prefix by whole segments)."""
+    for path, kind in routes:
+        base = path.rstrip("/")
+        if kind == "Exact" and url_path == path:
+            return True
+        if kind != "Exact" and (base == "" or url_path == base or url_path.startswith(base + "/")):
+            return True
+    return False
+
+
+API_PATHS = ("/v1/chat/completions", "/v1/models", "/v1/images/generations", "/v1/files/images/img-1", "/",
+             "/playground.css", "/playground.js", "/health", "/openapi.json")
+
+
+def test_ingress_routes_the_api_and_never_metrics(rendered: dict[str, Rendered]) -> None:
+    (ing,) = rendered["7b"].kind("Ingress")
+    routes = _routes(ing)
+    assert list(routes) == ["mgm.example.com"]
+    for path in API_PATHS:
+        assert _routed(routes["mgm.example.com"], path), path
+    for path in ("/metrics", "/metrics/", "/ready", "/docs", "/anything"):
+        assert not _routed(routes["mgm.example.com"], path), path
+    # the ingress defaults, on a host of one's own, and a host with its own paths
+    r = render({"ingress": {"enabled": True, "hosts": [
+        {"host": "a.example.com"}, {"host": "b.example.com", "paths": [{"path": "/v1", "pathType": "Prefix"}]}]}})
+    (ing,) = r.kind("Ingress")
+    routes = _routes(ing)
+    assert all(_routed(routes["a.example.com"], p) for p in API_PATHS)
+    assert routes["b.example.com"] == [("/v1", "Prefix")]
+    assert not any(_routed(rs, "/metrics") for rs in routes.values())
+
+
+@pytest.mark.parametrize(("path", "kind"), [
+    ("/", "Prefix"), ("/metrics", "Exact"), ("/metrics/", "Prefix"), ("/metrics", "Prefix"),
+    ("/", "ImplementationSpecific"), ("/met", "ImplementationSpecific"), ("/(v1|metrics)", "ImplementationSpecific"),
+])
+def test_ingress_refuses_a_path_that_routes_metrics(path: str, kind: str) -> None:
+    hosts = [{"host": "mgm.example.com", "paths": [{"path": "/v1", "pathType": "Prefix"},
+                                                  {"path": path, "pathType": kind}]}]
+    with pytest.raises(helm.HelmRenderError, match=re.escape(f"ingress path {path} ({kind})") + ".*/metrics"):
+        render({"ingress": {"enabled": True, "hosts": hosts}})
+    with pytest.raises(helm.HelmRenderError, match="would make /metrics public"):  # through ingress.paths too
+        render({"ingress": {"enabled": True, "paths": [{"path": path, "pathType": kind}]}})
+    assert not render({"ingress": {"hosts": hosts}}).kind("Ingress")  # only checked when the ingress is on
+
+
 @pytest.mark.parametrize("scenario", ["default", "tiny-cpu", "34b-tp4"])
 def test_helm_test_pod_lists_the_model(rendered: dict[str, Rendered], scenario: str) -> None:
     (pod,) = rendered[scenario].kind("Pod")
@@ -495,6 +546,9 @@ BAD_VALUES = {
     "KEDA scaling to zero": ("engine: {keda: {enabled: true, minReplicas: 0}}", "/engine/keda/minReplicas"),
     "SDXL worker without a queue": ("sdxlWorker: {maxQueue: 0}", "/sdxlWorker/maxQueue"),
     "unknown top-level key": ("engines: {replicas: 2}", "engines"),
+    "ingress path without a slash": ("ingress: {paths: [{path: v1, pathType: Prefix}]}", "/ingress/paths/0/path"),
+    "ingress host path typo": ("ingress: {hosts: [{host: a, paths: [{path: /v1, type: Prefix}]}]}",
+                               "/ingress/hosts/0/paths/0"),
 }
 
 

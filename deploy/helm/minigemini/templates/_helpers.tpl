@@ -170,6 +170,21 @@ lifecycle:
 {{- if and .Values.engine.keda.enabled (lt (int .Values.engine.keda.maxReplicas) (int .Values.engine.keda.minReplicas)) }}
 {{- fail "engine.keda.maxReplicas must be >= engine.keda.minReplicas" }}
 {{- end }}
+{{- if .Values.ingress.enabled }}
+{{- range $h := .Values.ingress.hosts }}
+{{- range $p := ($h.paths | default $.Values.ingress.paths) }}
+{{- $path := trimSuffix "/" $p.path }}
+{{- /* Prefix matches whole segments; ImplementationSpecific may be a string prefix or a regex: refuse more. */}}
+{{- $covers := or (eq $path "/metrics") (and (ne $p.pathType "Exact") (eq $path "")) }}
+{{- if and (eq $p.pathType "ImplementationSpecific") (or (hasPrefix $path "/metrics") (regexMatch "[*+?()\\[\\]{}|^$\\\\]" $p.path)) }}
+{{- $covers = true }}
+{{- end }}
+{{- if $covers }}
+{{- fail (printf "ingress path %s (%s) on host %q would make /metrics public: route only the API paths (ingress.paths); the ServiceMonitor scrapes the Service" $p.path $p.pathType $h.host) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- if and (not .Values.engine.enabled) (not (has "--engine" .Values.gateway.extraArgs)) }}
 {{- fail "engine.enabled=false: the gateway needs engines elsewhere (gateway.extraArgs: [--engine, URL])" }}
 {{- end }}
