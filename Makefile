@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(PY) -m bench.encoder --out BENCHMARKS.md
 	$(PY) -m bench.serving --out BENCHMARKS.md
 	$(PY) -m bench.report --out BENCHMARKS.md
+	$(PY) -m bench.gateway_memory --out RELIABILITY.md
 
 # The serving benchmarks alone (~10 min on 2 cores): our stack against the official serving path, SDXL pool, HD.
 bench-serving: $(STAMP)
