@@ -5,10 +5,20 @@
     mgm serve --engines 2 --sdxl-workers 0 -- --max-model-len 4096   # after --: extra vLLM arguments
 
 Engines and workers listen on free loopback ports, the gateway on ``--host``/``--port``. Each child runs in its own
-process group with its output in ``<logs-dir>/<name>.log`` (:mod:`server.procs`); the supervisor waits until every
-child answers its readiness route, prints the URL and a ready-to-paste ``curl``, then supervises: Ctrl-C or SIGTERM
-stops every child (SIGTERM, bounded wait, SIGKILL) and exits 0; a child that dies on its own is logged and everything
-is stopped, exit 1. Registered by :mod:`server.cli`; nothing heavy is imported at module level.
+process group with its output in ``<logs-dir>/<name>.log`` (:mod:`server.procs`); one instance per logs directory (a
+lock file, ``serve.lock``, held while it runs: a second one is refused with a message naming ``--logs-dir``). The
+supervisor waits until every child answers its readiness route *and* the gateway's ``/ready`` lists every engine and
+worker up (so "ready" means every backend is in the gateway's pool), prints the URL and a ready-to-paste ``curl``,
+then supervises: Ctrl-C, SIGTERM or SIGHUP stops the children in order — the gateway first (it drains its in-flight
+requests while the engines still answer), then the engines and workers (SIGTERM, bounded wait, SIGKILL) — and exits
+0; a child that dies on its own is logged and everything is stopped, exit 1. If the supervisor itself is killed
+(``kill -9``, the OOM killer) its children still go: a parent-death signal and a watchdog process
+(:class:`server.procs.Watchdog`).
+
+Engine and worker ports are chosen free just before the children start, but a child binds its port seconds later
+(after its imports), and another process may take it meanwhile. That race is not hidden: a child that dies during
+start-up with "address already in use" makes the supervisor stop the children it started, choose new ports and start
+them again (a few attempts). Registered by :mod:`server.cli`; nothing heavy is imported at module level.
 """
 
 from __future__ import annotations
@@ -20,19 +30,25 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.flags import SubParsers, add_flag, defaults
 from server.gateway import cli as gateway_cli
 from server.gateway.config import GatewayConfig
-from server.procs import Child, chat_curl, free_ports, kill_children, stop_children
+from server.procs import Child, Watchdog, chat_curl, free_ports, kill_children, stop_children, stop_in_order
 
 logger = logging.getLogger("mgm.serve")
 
 #: Printed on stdout once every child is ready (tests and scripts wait for it).
 READY_PREFIX = "mgm serve: ready at "
+#: Logged (stderr) once the gateway's /ready lists every engine and worker up, just before the ready line.
+POOL_COMPLETE = "every backend is in the gateway's pool"
+#: Start attempts when a child loses its port to another process before binding it.
+PORT_ATTEMPTS = 3
+#: Held (flock) in the logs directory while an instance runs.
+LOCK_NAME = "serve.lock"
 #: vLLM arguments used with the default tiny checkpoint when none are given.
 TINY_VLLM_ARGS = ["--max-model-len", "2048", "--limit-mm-per-prompt", '{"image": 4}']
 
@@ -67,7 +83,7 @@ def register(sub: SubParsers, common: argparse.ArgumentParser) -> None:
         "serve", parents=[common], allow_abbrev=False,  # never let an abbreviation swallow a vLLM flag
         help="run the whole stack: engine(s), SDXL worker(s) and the gateway (arguments after -- go to vLLM)",
         description="Start MGM engine(s), SDXL worker(s) and the OpenAI-compatible gateway as child processes, wait "
-        "until they are ready, print the URL and a curl example, and stop them all on Ctrl-C/SIGTERM. Without "
+        "until they are ready, print the URL and a curl example, and stop them all on Ctrl-C/SIGTERM/SIGHUP. Without "
         "--model/--image-model it serves tiny RANDOM-weight checkpoints under the cache directory (built when "
         "missing). Arguments after -- (or unknown ones) are passed to every engine's vLLM server.",
     )
@@ -93,7 +109,8 @@ def register(sub: SubParsers, common: argparse.ArgumentParser) -> None:
     add_flag(p, "--ready-timeout", env="MGM_READY_TIMEOUT", type=float, default=d.ready_timeout_s,
              help="seconds to wait for every child to be ready")
     add_flag(p, "--stop-timeout", env="MGM_STOP_TIMEOUT", type=float, default=d.stop_timeout_s,
-             help="seconds children get to stop after SIGTERM before SIGKILL")
+             help="seconds children get to stop after SIGTERM before SIGKILL, per stage (the gateway, then the "
+             "engines and workers)")
     p.set_defaults(handler=run_serve, accepts_passthrough=True)
 
 
@@ -155,13 +172,59 @@ def _base(config: ServeConfig) -> str:
 # --- run ------------------------------------------------------------------------------------------------------------
 
 
+def stop_stages(children: Sequence[Child]) -> list[list[Child]]:
+    """The order children stop in: the gateway first (its drain needs the engines), then everything else."""
+    return [[c for c in children if c.name == "gateway"], [c for c in children if c.name != "gateway"]]
+
+
+def pool_complete(ready: object, engines: Sequence[str], workers: Sequence[str]) -> bool:
+    """True when a gateway ``/ready`` body lists every engine URL in ``engines`` and every worker URL in ``workers``
+    as up. Entries without a ``url`` (a gateway that hides addresses) are counted instead."""
+    if not isinstance(ready, dict) or ready.get("status") != "ready":
+        return False
+
+    def complete(entries: object, urls: Sequence[str]) -> bool:
+        if not urls:
+            return True
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            return False
+        up = [e for e in entries if e.get("up") is True]
+        if all("url" in e for e in entries):
+            return set(urls) <= {str(e["url"]).rstrip("/") for e in up}
+        return len(up) >= len(urls)
+
+    return complete(ready.get("engines"), engines) and complete(ready.get("workers"), workers)
+
+
+def gateway_pool_check(gateway: Child, engines: Sequence[str], workers: Sequence[str],
+                       key: str | None) -> Callable[[], bool]:
+    """A ``ready_check`` for the gateway: ``GET /ready`` (with the key, should the gateway want one) answers 200 and
+    lists every backend up."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    def check() -> bool:
+        assert gateway.ready_url is not None
+        request = urllib.request.Request(gateway.ready_url, headers={"Authorization": f"Bearer {key}"} if key else {})
+        try:
+            with urllib.request.urlopen(request, timeout=2) as r:
+                body = json.loads(r.read()) if r.status == 200 else None
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+        return pool_complete(body, engines, workers)
+
+    return check
+
+
 class _Stop:
-    """SIGINT/SIGTERM → ``event``; a second signal SIGKILLs every child group at once."""
+    """SIGINT/SIGTERM/SIGHUP → ``event``; a second signal SIGKILLs every child group at once."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.children: list[Child] = []
         self.signum: int | None = None
+        self.watchdog = Watchdog()
 
     def __call__(self, signum: int, _frame: object) -> None:
         if self.event.is_set():
@@ -180,6 +243,7 @@ def _build(kind: str, out: Path, config: ServeConfig, stop: _Stop) -> bool:
     logger.info("building the tiny checkpoint", extra={"fields": {"out": str(out), "log": str(child.log)}})
     stop.children[:] = [child]
     child.start(env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    stop.watchdog.watch(child)
     while child.poll() is None:  # a build takes seconds; a signal stops it
         if stop.event.wait(0.2):
             stop_children([child], timeout=5, kill_timeout=5)
@@ -243,17 +307,47 @@ def run_serve(args: argparse.Namespace) -> int:
             "host": config.host, "port": config.port, "error": problem}})
         return 2
     config.logs.mkdir(parents=True, exist_ok=True)
+    lock = _lock_logs(config)
+    if lock is None:
+        return 2
     stop = _Stop()
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    stop.watchdog.grace_s = min(config.stop_timeout_s, 5.0)
+    stop.watchdog.start()
     try:
         return _serve(config, stop)
     finally:
         if stop.children:
-            clean = stop_children(stop.children, timeout=config.stop_timeout_s)
+            clean = stop_in_order(stop_stages(stop.children), timeout=config.stop_timeout_s)
             logger.info("every child stopped", extra={"fields": {"clean": clean, "exits": ",".join(
                 f"{c.name}={c.poll()}" for c in stop.children if c.proc is not None)}})
+        stop.watchdog.release()
         for s, handler in previous.items():
             signal.signal(s, handler)
+        lock.close()
+
+
+def _lock_logs(config: ServeConfig):  # type: ignore[no-untyped-def]
+    """Hold ``<logs>/serve.lock`` (flock: released by the kernel however this process ends) so that two instances
+    never write the same log files; None (after a clear message) when another instance holds it."""
+    import fcntl
+
+    path = config.logs / LOCK_NAME
+    fh = open(path, "a+")  # noqa: SIM115  # held open for the instance's life; not truncated before it is ours
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown"
+        fh.close()
+        logger.error("another mgm serve is running with these log files; stop it, or give this one its own "
+                     "--logs-dir (or --cache-dir)", extra={"fields": {"logs": str(config.logs), "holder": holder}})
+        return None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid={os.getpid()} port={config.port}\n")
+    fh.flush()
+    return fh
 
 
 def _serve(config: ServeConfig, stop: _Stop) -> int:
@@ -282,17 +376,29 @@ def _serve(config: ServeConfig, stop: _Stop) -> int:
     keys = config.api_keys
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("MGM_API_KEYS", None)
-    children = plan_children(config, model, image_model, extra, logs)
-    stop.children[:] = children
-    for child in children:
-        child_env = env if child.name != "gateway" or not keys else {**env, "MGM_API_KEYS": ",".join(keys)}
-        child.start(env=child_env)
-        logger.info("started", extra={"fields": {"child": child.name, "pid": child.pid, "log": str(child.log)}})
-    logger.info("children's logs", extra={"fields": {"dir": str(logs)}})
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        children = plan_children(config, model, image_model, extra, logs)
+        gateway = children[-1]
+        backends = [c.ready_url.rsplit("/", 1)[0] for c in children[:-1]]  # type: ignore[union-attr]
+        gateway.ready_check = gateway_pool_check(
+            gateway, [u for u, c in zip(backends, children) if c.name.startswith("engine")],
+            [u for u, c in zip(backends, children) if not c.name.startswith("engine")], keys[0] if keys else None)
+        stop.children[:] = children
+        for child in children:
+            child_env = env if child.name != "gateway" or not keys else {**env, "MGM_API_KEYS": ",".join(keys)}
+            child.start(env=child_env)
+            stop.watchdog.watch(child)
+            logger.info("started", extra={"fields": {"child": child.name, "pid": child.pid, "log": str(child.log)}})
+        logger.info("children's logs", extra={"fields": {"dir": str(logs)}})
 
-    ready = _wait_ready(children, stop, config.ready_timeout_s)
-    if ready is not None:
-        return ready
+        ready = _wait_ready(children, stop, config.ready_timeout_s, retry_port=attempt < PORT_ATTEMPTS)
+        if ready == _RETRY:
+            stop_in_order(stop_stages(children), timeout=config.stop_timeout_s)
+            continue
+        if ready is not None:
+            return ready
+        break
+    logger.info(POOL_COMPLETE, extra={"fields": {"engines": config.engines, "workers": len(children) - 1 - config.engines}})
     base = _base(config)
     chat_model = _chat_model(base, keys[0] if keys else None) or str(model)
     # the gateway's default, from the same variable
@@ -336,8 +442,13 @@ def _report_death(child: Child) -> int:
     return 1
 
 
-def _wait_ready(children: Sequence[Child], stop: _Stop, timeout: float) -> int | None:
-    """Poll every child's readiness route until all answer; None when ready, else the exit status."""
+#: :func:`_wait_ready`'s answer when a child lost its port: start again on new ports.
+_RETRY = -1
+
+
+def _wait_ready(children: Sequence[Child], stop: _Stop, timeout: float, retry_port: bool = False) -> int | None:
+    """Poll every child's readiness route until all answer (the gateway: until its pool holds every backend); None
+    when ready, :data:`_RETRY` when an engine or worker lost its port (``retry_port``), else the exit status."""
     from rich.console import Console
 
     console = Console(stderr=True)
@@ -357,6 +468,10 @@ def _wait_ready(children: Sequence[Child], stop: _Stop, timeout: float) -> int |
                 logger.info("stopping before the stack was ready")
                 return 0
             dead = _dead(children)
+            if dead is not None and retry_port and dead.name != "gateway" and dead.address_in_use():
+                logger.warning("a child lost its port to another process before binding it: starting again on new "
+                               "ports", extra={"fields": {"child": dead.name, "log": str(dead.log)}})
+                return _RETRY
             if dead is not None:
                 return _report_death(dead)
             for child in children:

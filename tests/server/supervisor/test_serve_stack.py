@@ -82,4 +82,7 @@ def test_sigterm_stops_every_child(stack: Serve):
     assert stack.wait_exit(60) == 0, stack.logs()
     assert time.monotonic() - start < 60
     assert leftovers(children.values()) == [], stack.logs()
-    assert "stopping signal=SIGTERM" in stack.stderr()
+    err = stack.stderr()
+    assert "stopping signal=SIGTERM" in err
+    # in order: the gateway (which drains) first, then the engines and workers it drains to
+    assert err.index("stopped children children=gateway") < err.index("stopping children children=engine-0"), err
