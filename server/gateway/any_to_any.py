@@ -5,10 +5,17 @@ The official `` <GEN>`` suffix goes onto the last user turn; the model answers i
 ``<h>…</h>`` span of each choice is drawn by the SDXL pool and returned next to ``content`` as ``message.images``
 (streaming: one extra chunk with ``delta.images`` before ``[DONE]``). The gateway never makes the model write a
 caption: what the engine returns is what is used.
+
+While the images are drawn a stream sends an SSE comment (:data:`server.gateway.sse.KEEPALIVE`) every
+:data:`KEEPALIVE_S` seconds, so proxies with idle timeouts do not cut it; if drawing fails for any reason the stream
+ends with an ``error`` event (an unexpected failure: a generic message with the request's chat id, details logged).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,6 +29,11 @@ from server.gateway import sse
 from server.gateway.image_generation import ImagesService, extract_caption
 from server.gateway.protocol import ImageOptions
 from server.gateway.relay import StreamWrapper
+
+logger = logging.getLogger("mgm.gateway")
+
+#: Seconds between SSE keep-alive comments while a stream waits for its images.
+KEEPALIVE_S = 5.0
 
 
 def add_gen_suffix(messages: list[dict[str, Any]]) -> None:
@@ -39,7 +51,8 @@ def add_gen_suffix(messages: list[dict[str, Any]]) -> None:
             else:
                 content.append({"type": "text", "text": GEN_SUFFIX.strip()})
         return
-    raise ValueError("no user message")
+    raise APIError(400, "Generation mode (\"modalities\" with \"image\") needs a user message.", param="messages",
+                   code="invalid_value")
 
 
 def generation_options(body: dict[str, Any]) -> ImageOptions | None:
@@ -112,11 +125,29 @@ class Generation:
             if sse.data(event) == sse.DONE:
                 captions = {i: c for i, t in texts.items() if (c := extract_caption(t))}
                 if captions:
+                    drawing = asyncio.ensure_future(
+                        self.images.draw_captions(captions, self.options, self.size, self.base_url))
                     try:
-                        images = await self.images.draw_captions(captions, self.options, self.size, self.base_url)
+                        while not drawing.done():  # bounded by the drawing (the SDXL pool's job timeout)
+                            await asyncio.wait({drawing}, timeout=KEEPALIVE_S)
+                            if not drawing.done():
+                                yield sse.KEEPALIVE
+                        images = drawing.result()
                     except APIError as exc:
                         yield sse.encode(exc.body(), "error")
                         return
+                    except Exception:
+                        logger.exception("drawing the images of a chat stream failed",
+                                         extra={"fields": {"chat_id": meta.get("id")}})
+                        err = APIError(500, f"Drawing the images failed (chat {meta.get('id')}).",
+                                       type_="server_error", code="image_generation_failed")
+                        yield sse.encode(err.body(), "error")
+                        return
+                    finally:
+                        if not drawing.done():  # the client left while the images were drawn
+                            drawing.cancel()
+                            with contextlib.suppress(asyncio.CancelledError, Exception):
+                                await drawing
                     yield sse.encode({
                         "id": meta.get("id"), "object": "chat.completion.chunk",
                         "created": meta.get("created") or int(time.time()), "model": meta.get("model"),

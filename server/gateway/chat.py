@@ -34,7 +34,7 @@ class ChatService:
         if known and model not in known:
             raise APIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
 
-    async def create(self, req: ChatCompletionRequest, base_url: str) -> Response:
+    async def create(self, req: ChatCompletionRequest, base_url: str, request_id: str | None = None) -> Response:
         # 1. The model must be one of ours (unknown while no engine has answered yet: then the engine decides).
         unknown = req.unknown_fields()
         if unknown:
@@ -55,8 +55,8 @@ class ChatService:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await self.relay.stream(body, include_usage, None if generation is None
-                                           else generation.stream_wrapper)
-        payload = await self.relay.complete(body)
+                                           else generation.stream_wrapper, request_id)
+        payload = await self.relay.complete(body, request_id)
         if generation is not None:
             payload = await generation.add_images(payload)
         return JSONResponse(payload)

@@ -1,12 +1,20 @@
 """The engine pool: least-in-flight routing through leases, marking engines down on connection failures, background
 re-probes, and (with ``discover_interval_s > 0``) DNS discovery of the engines behind a name
 (:mod:`server.gateway.discovery`). The pool owns each engine's in-flight count and its gauges
-(``mgm_gateway_engine_up``, ``mgm_gateway_engine_in_flight``), as the SDXL pool does for its workers."""
+(``mgm_gateway_engine_up``, ``mgm_gateway_engine_in_flight``), as the SDXL pool does for its workers.
+
+**Error back-off.** An engine that answers fast with 5xx stays up (its ``/health`` is fine) and, being the least
+loaded, would get the most traffic. So the pool counts each engine's consecutive 5xx answers (:meth:`answered`; any
+other answer resets the count): after :data:`ERROR_THRESHOLD` in a row the engine cools down for
+:data:`COOLDOWN_S` seconds, during which ``pick`` skips it while another up engine is left (if every candidate is
+cooling down, the least loaded of them is used: a possibly failing answer beats none). Each cool-down counts in
+``mgm_gateway_engine_backoffs``."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 
 import httpx
@@ -17,10 +25,16 @@ from server.gateway.metrics import GatewayMetrics
 
 logger = logging.getLogger("mgm.gateway.routing")
 
+#: Consecutive 5xx answers after which an engine cools down, and for how long (seconds).
+ERROR_THRESHOLD = 3
+COOLDOWN_S = 5.0
+
 
 @dataclass(eq=False)
 class Engine(Backend):
     models: tuple[str, ...] = ()  # model ids from its /v1/models, learnt on the first successful probe
+    errors: int = 0  # consecutive 5xx answers
+    cooldown_until: float = 0.0  # time.monotonic() until which pick() prefers other engines
 
 
 class EnginePool(BackendPool[Engine]):
@@ -40,9 +54,10 @@ class EnginePool(BackendPool[Engine]):
 
     def __init__(self, urls: tuple[str, ...], client: httpx.AsyncClient, metrics: GatewayMetrics | None = None, *,
                  probe_interval_s: float = 2.0, probe_timeout_s: float = 2.0, discover_interval_s: float = 0.0,
-                 resolve: Resolve | None = None) -> None:
+                 resolve: Resolve | None = None, health_interval_s: float | None = None) -> None:
         super().__init__(urls, Engine, logger, probe_interval_s=probe_interval_s,
-                         discover_interval_s=discover_interval_s, resolve=resolve)
+                         discover_interval_s=discover_interval_s, resolve=resolve,
+                         health_interval_s=health_interval_s)
         self.client = client
         self.metrics = metrics
         self.probe_timeout_s = probe_timeout_s
@@ -51,8 +66,8 @@ class EnginePool(BackendPool[Engine]):
     def engines(self) -> list[Engine]:
         return self.backends
 
-    async def probe(self, engine: Engine) -> bool:
-        """One health check; on success also learns the engine's model ids. Updates ``engine.up``."""
+    async def check(self, engine: Engine) -> bool:
+        """One health check; on success also learns the engine's model ids. Records nothing."""
         try:
             r = await self.client.get(engine.url + "/health", timeout=self.probe_timeout_s)
             ok = r.status_code == 200
@@ -62,8 +77,16 @@ class EnginePool(BackendPool[Engine]):
                     engine.models = tuple(str(d["id"]) for d in m.json().get("data", []) if "id" in d)
         except (httpx.HTTPError, ValueError, KeyError):
             ok = False
+        return ok
+
+    async def probe(self, engine: Engine) -> bool:
+        """:meth:`check`, recorded in ``engine.up`` (and the gauges)."""
+        ok = await self.check(engine)
         self._set(engine, ok)
         return ok
+
+    async def _health_failed(self, engine: Engine) -> None:
+        self.mark_down(engine, "health probe failed")
 
     def _set(self, engine: Engine, up: bool) -> None:
         if self._record(engine, up):  # an engine removed by discovery reports nothing more
@@ -91,7 +114,23 @@ class EnginePool(BackendPool[Engine]):
 
     def pick(self, exclude: set[Engine] | frozenset[Engine] = frozenset()) -> Engine | None:
         candidates = [e for e in self.engines if e.up and e not in exclude]
+        now = time.monotonic()
+        candidates = [e for e in candidates if e.cooldown_until <= now] or candidates  # module docstring: back-off
         return min(candidates, key=lambda e: e.in_flight) if candidates else None
+
+    def answered(self, engine: Engine, status: int) -> None:
+        """Record an engine's answer status for the error back-off (module docstring)."""
+        if status < 500:
+            engine.errors = 0
+            return
+        engine.errors += 1
+        if engine.errors >= ERROR_THRESHOLD:
+            engine.errors = 0
+            engine.cooldown_until = time.monotonic() + COOLDOWN_S
+            logger.warning("engine cooling down after repeated errors", extra={"fields": {
+                "engine": engine.url, "status": status, "cooldown_s": COOLDOWN_S}})
+            if self.metrics is not None:
+                self.metrics.engine_backoffs.inc()
 
     def lease(self, exclude: set[Engine] | frozenset[Engine] = frozenset()) -> EngineLease | None:
         """The least loaded up engine not in ``exclude``, counted in flight until the lease is released."""

@@ -24,6 +24,12 @@ class GatewayMetrics:
                                       registry=r)
         self.engine_retries = Counter("mgm_gateway_engine_retries", "Requests retried on another engine",
                                       registry=r)
+        self.engine_backoffs = Counter("mgm_gateway_engine_backoffs",
+                                       "Engine cool-downs after repeated 5xx answers (skipped while others are up)",
+                                       registry=r)
+        self.engine_crashes = Counter("mgm_gateway_engine_crashes",
+                                      "Engine connections lost after a request was sent (the request may have "
+                                      "crashed the engine)", registry=r)
         self.image_fetches = Counter("mgm_gateway_image_fetches", "Remote image fetches by outcome", ["outcome"],
                                      registry=r)
         self.sdxl_queue_depth = Gauge("mgm_gateway_sdxl_queue_depth", "Image jobs waiting in the gateway for a worker",

@@ -7,7 +7,8 @@
   wait, beyond that the request gets 429 ``queue_full`` with ``retry-after``.
 * **Retries**: a worker that refuses the connection, drops it, or answers 503 is marked down and the job moves to
   another worker (each worker at most once per job); a down worker is re-probed (``GET /ready``) every
-  ``probe_interval_s`` until it answers again. With no worker left: 503 ``image_worker_unavailable`` with
+  ``probe_interval_s`` until it answers again; up workers are re-checked in the background
+  (:mod:`server.gateway.backends`, health of up backends). With no worker left: 503 ``image_worker_unavailable`` with
   ``retry-after``. A worker's 429 moves the job on as well (without marking it down); if every worker refuses, the
   429 is passed on.
 * **Splitting**: a request for more images than a worker's ``max_batch`` (learnt from its ``/ready``) becomes
@@ -57,9 +58,11 @@ class SDXLPool(BackendPool[SDXLWorker]):
     def __init__(self, urls: tuple[str, ...], client: httpx.AsyncClient, metrics: GatewayMetrics, *,
                  max_in_flight: int = 2, max_queue: int = 32, probe_interval_s: float = 2.0,
                  probe_timeout_s: float = 2.0, retry_after_s: int = 2, job_timeout_s: float = 600.0,
-                 discover_interval_s: float = 0.0, resolve: Resolve | None = None) -> None:
+                 discover_interval_s: float = 0.0, resolve: Resolve | None = None,
+                 health_interval_s: float | None = None) -> None:
         super().__init__(urls, SDXLWorker, logger, probe_interval_s=probe_interval_s,
-                         discover_interval_s=discover_interval_s, resolve=resolve)
+                         discover_interval_s=discover_interval_s, resolve=resolve,
+                         health_interval_s=health_interval_s)
         self.client, self.metrics = client, metrics
         self.max_in_flight, self.max_queue = max_in_flight, max_queue
         self.probe_timeout_s = probe_timeout_s
@@ -73,8 +76,8 @@ class SDXLPool(BackendPool[SDXLWorker]):
 
     # --- probing ---------------------------------------------------------------------------------------------------
 
-    async def probe(self, worker: SDXLWorker) -> bool:
-        """``GET /ready``: 200 = up (and its ``max_batch``); anything else = down."""
+    async def check(self, worker: SDXLWorker) -> bool:
+        """``GET /ready``: 200 = up (and its ``max_batch``); anything else = down. Records nothing."""
         try:
             r = await self.client.get(worker.url + "/ready", timeout=self.probe_timeout_s)
             ok = r.status_code == 200
@@ -82,8 +85,16 @@ class SDXLPool(BackendPool[SDXLWorker]):
                 worker.max_batch = max(1, int(r.json().get("max_batch", worker.max_batch)))
         except (httpx.HTTPError, ValueError, TypeError, AttributeError):
             ok = False
+        return ok
+
+    async def probe(self, worker: SDXLWorker) -> bool:
+        """:meth:`check`, recorded in ``worker.up`` (and the gauge); wakes waiting jobs."""
+        ok = await self.check(worker)
         await self._set(worker, ok)
         return ok
+
+    async def _health_failed(self, worker: SDXLWorker) -> None:
+        await self.mark_down(worker, "health probe failed")
 
     async def _set(self, worker: SDXLWorker, up: bool) -> None:
         if self._record(worker, up):  # a worker removed by discovery keeps no metric series

@@ -13,6 +13,8 @@ from typing import Any
 
 DONE = b"[DONE]"
 DONE_EVENT = b"data: [DONE]\n\n"
+#: An SSE comment: clients ignore it, proxies see bytes and keep an idle stream open.
+KEEPALIVE = b": keep-alive\n\n"
 #: Headers of every SSE response: no caching, and no buffering in nginx-style proxies.
 HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
@@ -61,3 +63,8 @@ def encode(payload: Any, event: str | None = None) -> bytes:
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     head = f"event: {event}\n".encode() if event else b""
     return head + b"data: " + body + b"\n\n"
+
+
+def comment(text: str) -> bytes:
+    """One SSE comment line (``: text``), ignored by clients; newlines in ``text`` are replaced by spaces."""
+    return b": " + text.replace("\r", " ").replace("\n", " ").encode() + b"\n\n"

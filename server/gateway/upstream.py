@@ -5,9 +5,17 @@ and on loopback it capped the gateway at ~30 requests/s at concurrency 32 agains
 BENCHMARKS.md, gateway overhead; encode/httpx#3215). Probes, SDXL jobs and remote images stay on httpx: they are
 few.
 
-The failure taxonomy is what the gateway's retry rule needs: :class:`EngineUnreachable` (nothing usable came back:
-connect refused, connection reset or closed early — safe to retry on another engine before the client saw a byte),
-:class:`EngineTimeout` and :class:`EngineFailed` (anything else).
+The failure taxonomy is what the gateway's retry rule (:mod:`server.gateway.relay`) needs:
+
+* :class:`EngineConnectFailed` — nothing was sent: connection refused, or no connection within the connect timeout.
+  Safe to send to another engine.
+* :class:`EngineDropped` — the connection was lost after the request went out (reset, closed before the answer was
+  complete): the engine may have crashed on this very request. A drop before the answer's headers on a *reused*
+  keep-alive connection is usually the engine having closed an idle connection just as it was reused: :meth:`post`
+  sends once more on a fresh connection (aiohttp retries only idempotent methods, never POST) and reports a drop
+  only when that one fails too.
+* Both are :class:`EngineUnreachable`; :class:`EngineTimeout` (a read timeout: the engine is slow, not gone) and
+  :class:`EngineFailed` (anything else) are not retried.
 """
 
 from __future__ import annotations
@@ -28,16 +36,27 @@ class EngineUnreachable(EngineFailed):
     """Connection refused, reset or closed before the answer was complete."""
 
 
+class EngineConnectFailed(EngineUnreachable):
+    """Nothing was sent: connection refused or connect timeout."""
+
+
+class EngineDropped(EngineUnreachable):
+    """The connection was lost after the request was sent (reset, closed before the answer was complete)."""
+
+
 class EngineTimeout(EngineFailed):
-    """Connect or read timeout."""
+    """Read timeout: the engine took too long to answer."""
 
 
 def _translate(exc: BaseException) -> EngineFailed:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError)):  # before the timeout check
+        return EngineConnectFailed(text)
     if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
-        return EngineTimeout(str(exc) or type(exc).__name__)
+        return EngineTimeout(text)
     if isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError)):
-        return EngineUnreachable(str(exc) or type(exc).__name__)
-    return EngineFailed(str(exc) or type(exc).__name__)
+        return EngineDropped(text)
+    return EngineFailed(text)
 
 
 _ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)
@@ -74,22 +93,43 @@ class EngineResponse:
             self._response.close()
 
 
+async def _on_reuse(_session: aiohttp.ClientSession, ctx: Any, _params: Any) -> None:
+    if isinstance(ctx.trace_request_ctx, dict):
+        ctx.trace_request_ctx["reused"] = True
+
+
 class EngineClient:
-    """POSTs JSON to engines; one connection pool for the gateway's lifetime."""
+    """POSTs JSON to engines; one connection pool for the gateway's lifetime (and a second, without keep-alive, for
+    the one re-send after a stale pooled connection). ``stale_retries`` counts those re-sends."""
 
     def __init__(self, connect_timeout_s: float, read_timeout_s: float, max_connections: int = 1024) -> None:
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_read=read_timeout_s),
-            connector=aiohttp.TCPConnector(limit=max_connections),
-            trust_env=False, json_serialize=json.dumps)
+        timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_read=read_timeout_s)
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_reuseconn.append(_on_reuse)
+        self._session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=max_connections),
+                                              trust_env=False, json_serialize=json.dumps, trace_configs=[trace])
+        self._fresh = aiohttp.ClientSession(timeout=timeout, trust_env=False, json_serialize=json.dumps,
+                                            connector=aiohttp.TCPConnector(limit=max_connections, force_close=True))
+        self.stale_retries = 0
 
-    async def post(self, url: str, payload: dict[str, Any]) -> EngineResponse:
-        """Send the request and return once the status line and headers are in; the body is read by the caller."""
+    async def post(self, url: str, payload: dict[str, Any], request_id: str | None = None) -> EngineResponse:
+        """Send the request and return once the status line and headers are in; the body is read by the caller.
+        A drop on a reused keep-alive connection before the headers is re-sent once on a fresh connection."""
+        headers = {"x-request-id": request_id} if request_id else None
+        state: dict[str, bool] = {"reused": False}
         try:
-            response = await self._session.post(url, json=payload)
+            response = await self._session.post(url, json=payload, headers=headers, trace_request_ctx=state)
         except _ERRORS as exc:
-            raise _translate(exc) from exc
+            err = _translate(exc)
+            if not (isinstance(err, EngineDropped) and state["reused"]):
+                raise err from exc
+            self.stale_retries += 1
+            try:
+                response = await self._fresh.post(url, json=payload, headers=headers)
+            except _ERRORS as exc2:
+                raise _translate(exc2) from exc2
         return EngineResponse(response)
 
     async def aclose(self) -> None:
         await self._session.close()
+        await self._fresh.close()

@@ -1,12 +1,16 @@
-"""Probes and metrics: ``/health`` (alive), ``/ready`` (an engine, and an SDXL worker if configured, answer),
-``/metrics`` (Prometheus). Public: orchestrators call them without keys."""
+"""Probes and metrics: ``/health`` (alive), ``/ready`` (an engine, and an SDXL worker if configured, is up),
+``/metrics`` (Prometheus). Public: orchestrators call them without keys.
+
+``/ready`` reports the state the pools keep (startup probe, background health probes of up backends, re-probes of
+down ones, mark-downs by failed requests: :mod:`server.gateway.backends`); it never probes, so calling it costs the
+backends nothing and cannot mark them down. Backend addresses (``url``) are shown only to callers with a valid API
+key when keys are configured (to everyone when none are); others get each backend's ``up`` and ``in_flight``."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -23,23 +27,28 @@ async def health() -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
+def _authenticated(gateway: Gateway, request: Request) -> bool:
+    """True without configured keys, or with a valid ``Authorization: Bearer`` key."""
+    try:
+        gateway.api_keys.check(request.headers.get("authorization"))
+    except APIError:
+        return False
+    return True
+
+
 @router.get("/ready", summary="Readiness (engines and workers)",
             responses={**openapi.ok(Readiness, "Ready"), 503: {"description": "Not ready", "model": NotReady}})
-async def ready(gateway: Annotated[Gateway, Depends(current)]) -> JSONResponse:
+async def ready(request: Request, gateway: Annotated[Gateway, Depends(current)]) -> JSONResponse:
     pool = gateway.pool
-    await asyncio.gather(*(pool.probe(e) for e in pool.engines))
-    engines = [{"url": e.url, "up": e.up, "in_flight": e.in_flight} for e in pool.engines]
-    for engine in pool.engines:
-        if not engine.up:
-            pool.mark_down(engine, "probe failed")
+    show_urls = _authenticated(gateway, request)
+    engines: list[dict[str, Any]] = [
+        {"url": e.url, "up": e.up, "in_flight": e.in_flight} if show_urls else {"up": e.up, "in_flight": e.in_flight}
+        for e in pool.engines]
     extra: dict[str, Any] = {}
     sdxl = gateway.sdxl
     if sdxl is not None:
-        await asyncio.gather(*(sdxl.probe(w) for w in sdxl.workers))
-        for worker in sdxl.workers:
-            if not worker.up:
-                await sdxl.mark_down(worker, "probe failed")
-        extra["workers"] = sdxl.status()
+        workers = sdxl.status()
+        extra["workers"] = workers if show_urls else [{k: v for k, v in w.items() if k != "url"} for w in workers]
     if not pool.any_up or (sdxl is not None and not sdxl.any_up):
         what = "inference engine" if not pool.any_up else "SDXL worker"
         err = APIError(503, f"No {what} is reachable.", type_="server_error", code="not_ready",

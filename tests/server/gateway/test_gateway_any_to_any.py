@@ -92,3 +92,108 @@ def test_generation_mode_image_as_gateway_url(client, engine):
     assert url.startswith(str(client.base_url) + "files/images/")
     got = httpx.get(url, timeout=10)
     assert got.status_code == 200 and Image.open(io.BytesIO(got.content)).size == (64, 64)
+
+
+# --- keep-alives while drawing, and errors that are not APIError (fake engine and worker on loopback) ---------------
+
+def _fake_backends(worker_data: list[dict], delay_s: float):  # type: ignore[no-untyped-def,type-arg]
+    """A streaming fake engine whose answer has a caption, and a fake SDXL worker that takes ``delay_s`` per job."""
+    import json
+    import time
+    from http.server import BaseHTTPRequestHandler
+
+    def chunk(delta: dict, finish: str | None = None) -> bytes:  # type: ignore[type-arg]
+        payload = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": "fake",
+                   "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+    class Engine(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
+            pass
+
+        def do_GET(self) -> None:
+            body = json.dumps({"object": "list", "data": [{"id": "fake", "object": "model"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()  # HTTP/1.0: the body ends when the connection closes
+            for event in (chunk({"role": "assistant", "content": "Sure. <h>a red fox</h>"}), chunk({}, "stop"),
+                          b"data: [DONE]\n\n"):
+                self.wfile.write(event)
+                self.wfile.flush()
+
+    class Worker(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
+            pass
+
+        def _json(self, payload: object) -> None:
+            body = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            self._json({"status": "ready", "max_batch": 1})
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            time.sleep(delay_s)
+            self._json({"data": worker_data})
+
+    return Engine, Worker
+
+
+def _stream_raw(base: str) -> bytes:
+    import httpx
+
+    body = {"model": "fake", "stream": True, "messages": [{"role": "user", "content": "Draw a fox."}],
+            "modalities": ["text", "image"], "image_options": {"size": "64x64"}}
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        return b"".join(r.iter_raw())
+
+
+def test_stream_sends_keep_alives_while_drawing(gateway_server, png, monkeypatch):  # type: ignore[no-untyped-def]
+    from server.gateway import any_to_any, sse
+    from tests.support.live import http_server
+
+    monkeypatch.setattr(any_to_any, "KEEPALIVE_S", 0.2)
+    engine, worker = _fake_backends([{"b64_json": base64.b64encode(png).decode(), "seed": 1}], delay_s=1.3)
+    with http_server(engine) as engine_url, http_server(worker) as worker_url:
+        config = GatewayConfig(engines=(engine_url,), sdxl_workers=(worker_url,))
+        with gateway_server(config) as base:
+            raw = _stream_raw(base)
+    events = raw.split(b"\n\n")
+    keepalives = [i for i, e in enumerate(events) if e + b"\n\n" == sse.KEEPALIVE]
+    images = [i for i, e in enumerate(events) if b'"images"' in e]
+    assert len(keepalives) >= 3, raw[:2000]
+    assert images and max(keepalives) < images[0]  # sent while the image was drawn, before the images chunk
+    assert raw.endswith(sse.DONE_EVENT)
+
+
+def test_stream_ends_with_an_error_event_when_drawing_fails_unexpectedly(gateway_server):  # type: ignore[no-untyped-def]
+    from server.gateway import sse
+    from tests.support.live import http_server
+
+    engine, worker = _fake_backends([{"seed": 1}], delay_s=0)  # no b64_json: a KeyError, not an APIError
+    with http_server(engine) as engine_url, http_server(worker) as worker_url:
+        config = GatewayConfig(engines=(engine_url,), sdxl_workers=(worker_url,))
+        with gateway_server(config) as base:
+            raw = _stream_raw(base)
+            import httpx
+
+            assert httpx.get(base + "/health", timeout=5).status_code == 200
+    last = raw.rstrip(b"\n").split(b"\n\n")[-1] + b"\n\n"
+    assert sse.name(last) == "error", raw[-500:]
+    error = sse.json_data(last)["error"]
+    assert error["code"] == "image_generation_failed" and "chatcmpl-fake" in error["message"]
+    assert sse.DONE_EVENT not in raw

@@ -46,12 +46,18 @@ def test_health_ready_metrics(gateway):
     assert httpx.get(gateway + "/health").json() == {"status": "ok"}
     r = httpx.get(gateway + "/ready")
     assert r.status_code == 503 and r.headers["retry-after"] == "2" and _error_like(r.json())["code"] == "not_ready"
-    assert r.json()["engines"][0]["up"] is False
+    assert r.json()["engines"] == [{"up": False, "in_flight": 0}]  # no addresses without the key
+    assert [set(w) for w in r.json()["workers"]] == [{"up", "in_flight", "max_batch"}]
+    keyed = httpx.get(gateway + "/ready", headers={"Authorization": f"Bearer {KEY}"})
+    assert keyed.status_code == 503 and keyed.json()["engines"][0]["url"].startswith("http://127.0.0.1:")
+    assert keyed.json()["workers"][0]["url"] == "http://127.0.0.1:1"
+    assert httpx.get(gateway + "/ready", headers={"Authorization": "Bearer wrong"}).json()["engines"][0].keys() == {
+        "up", "in_flight"}
     text = httpx.get(gateway + "/metrics").text
     for name in ("mgm_gateway_requests_total", "mgm_gateway_request_latency_seconds_bucket",
                  "mgm_gateway_in_flight_requests", "mgm_gateway_engine_up", "mgm_gateway_ttft_seconds"):
         assert name in text
-    assert 'mgm_gateway_requests_total{route="/ready",status="503"} 1.0' in text
+    assert 'mgm_gateway_requests_total{route="/ready",status="503"} 3.0' in text
     assert 'mgm_gateway_engine_up{engine="http://127.0.0.1:' in text
 
 
@@ -206,9 +212,10 @@ def _wait_up(engine) -> None:  # type: ignore[no-untyped-def]
         time.sleep(0.05)
 
 
-def test_engine_failure_before_the_answer_is_retried_then_503(dying_gateway):
+def test_engine_failure_before_the_answer_is_retried_then_503(dying_gateway, gateway_server):
     """Non-streaming: nothing reached the client, so the failed engine is marked down and the next one is tried;
     with none left the client gets 503 + retry-after."""
+    _wait_up(gateway_server.apps[dying_gateway].state.gateway.pool.engines[0])  # /ready reports, never probes
     assert httpx.get(dying_gateway + "/ready").status_code == 200
     r = httpx.post(dying_gateway + "/v1/chat/completions", json={"model": "broken", "messages": MSG}, timeout=10)
     assert r.status_code == 503 and r.headers["retry-after"] and _error(r)["code"] == "engine_unavailable"

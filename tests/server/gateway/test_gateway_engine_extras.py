@@ -16,6 +16,7 @@ from support.live import http_server
 
 class _Recorder(BaseHTTPRequestHandler):
     bodies: list[dict] = []  # type: ignore[type-arg]
+    request_ids: list[str | None] = []
 
     def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
         pass
@@ -32,6 +33,7 @@ class _Recorder(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         type(self).bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        type(self).request_ids.append(self.headers.get("x-request-id"))
         self._json(json.dumps({"id": "c", "object": "chat.completion", "created": 1, "model": "rec", "choices": [
             {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}).encode())
 
@@ -60,3 +62,13 @@ def test_only_allow_listed_extras_reach_the_engine(recording_gateway, caplog):
     assert got["add_special_tokens"] is True  # the gateway's own addition
     dropped = [r for r in caplog.records if r.getMessage() == "fields not passed to the engine"]
     assert dropped and dropped[-1].fields == {"fields": "chat_template,kv_transfer_params,mm_processor_kwargs"}
+
+
+def test_the_clients_request_id_reaches_the_engine(recording_gateway):
+    body = {"model": "rec", "messages": [{"role": "user", "content": "Hi"}]}
+    for given, expect_own in (("trace-42.a:b", True), ("not a token", False), ("x" * 300, False)):
+        r = httpx.post(recording_gateway + "/v1/chat/completions", json=body, headers={"x-request-id": given},
+                       timeout=10)
+        assert r.status_code == 200, r.text
+        got = _Recorder.request_ids[-1]
+        assert (got == given) if expect_own else (got and got != given and got.startswith("gw-"))

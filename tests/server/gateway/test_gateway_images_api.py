@@ -122,7 +122,9 @@ def test_unknown_image_model_and_auth(client, gateway):
 
 
 def test_ready_and_metrics_report_the_workers(gateway, sdxl_workers):
-    ready = httpx.get(gateway + "/ready", timeout=10).json()
+    anonymous = httpx.get(gateway + "/ready", timeout=10).json()  # keys are configured: no addresses without one
+    assert all("url" not in w for w in anonymous["workers"] + anonymous["engines"])
+    ready = httpx.get(gateway + "/ready", timeout=10, headers={"Authorization": f"Bearer {KEY}"}).json()
     assert {w["url"] for w in ready["workers"]} == {w.url for w in sdxl_workers}
     assert all(w["up"] and w["max_batch"] == 4 for w in ready["workers"])
     assert _metric(gateway, "mgm_gateway_sdxl_worker_up", worker=sdxl_workers[0].url) == 1

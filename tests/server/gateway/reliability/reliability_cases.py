@@ -185,6 +185,8 @@ def _cases() -> list[Case]:
              body=_chat(stream_options={"include_usage": True})))
     add(Case("chat", "invalid `modalities`", 400, "invalid_value", "modalities",
              body=_chat(modalities=["text", "audio"])))
+    add(Case("chat", "generation mode without a user message", 400, "invalid_value", "messages",
+             body=_chat(modalities=["text", "image"], messages=[{"role": "system", "content": "Be brief."}])))
     # --- inline images (data URLs) ------------------------------------------------------------------------------
     nine = _chat(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": data_url(PNG)}}] * 9 + [{"type": "text", "text": "x"}]}])

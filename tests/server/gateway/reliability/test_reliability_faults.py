@@ -9,6 +9,7 @@ is the one that gets killed and restarted on the same port."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -25,6 +27,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests import stack
+from server.gateway import backends as backends_module
+from server.gateway import engine_pool
 from server.gateway.config import GatewayConfig
 from server.procs import Child, free_port, kill_children, stop_children
 
@@ -359,3 +363,233 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(engine, files, tmp_path, 
             assert slow_result and slow_result[0] != 200 and exit_s < 5, (slow_result, exit_s)
             record("SIGTERM with a drain timeout of 0 s", "the request still in flight is cut; exit 0",
                    exit_after_s=round(exit_s, 1))
+
+
+# --- faults told apart (issue 13, points 3 and 5): fake engines on loopback, a real gateway --------------------------
+
+
+
+_COMPLETION = {"id": "chatcmpl-fake", "object": "chat.completion", "created": 1, "model": "fake",
+               "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+               "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+_BODY = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
+
+
+class _Fake(BaseHTTPRequestHandler):
+    """A fake engine: /health and /v1/models answer; POST is the subclass's :meth:`answer`. Keep-alive (HTTP/1.1);
+    ``posts`` keeps each POST's x-request-id, ``health`` counts GET /health."""
+
+    protocol_version = "HTTP/1.1"
+    posts: list[str | None]
+    health: list[int]
+
+    def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    def _json(self, status: int, payload: object) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        if self.path == "/v1/models":
+            self._json(200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
+            return
+        type(self).health.append(1)
+        self._json(200, {"status": "ok"})
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        type(self).posts.append(self.headers.get("x-request-id"))
+        self.answer()
+
+    def answer(self) -> None:
+        self._json(200, _COMPLETION)
+
+    def drop(self) -> None:
+        self.close_connection = True
+        self.connection.shutdown(socket.SHUT_RDWR)
+
+
+def _fake(answer=None, name: str = "Fake") -> type[_Fake]:  # type: ignore[no-untyped-def]
+    attrs: dict[str, object] = {"posts": [], "health": []}
+    if answer is not None:
+        attrs["answer"] = answer
+    return type(name, (_Fake,), attrs)
+
+
+def _crash(self: _Fake) -> None:  # headers, a few bytes of the body, then the connection is gone
+    self.send_response(200)
+    self.send_header("Content-Type", "application/json")
+    self.send_header("Content-Length", "1000")
+    self.end_headers()
+    self.wfile.write(b'{"id": "cha')
+    self.wfile.flush()
+    self.drop()
+
+
+def _fail_fast(self: _Fake) -> None:
+    self._json(500, {"error": {"message": "boom", "type": "server_error", "param": None, "code": None}})
+
+
+def _stale(self: _Fake) -> None:  # the first request on a connection is answered; one reusing it finds it closed
+    served = getattr(self, "served", 0)
+    self.served = served + 1
+    if served:
+        self.drop()
+    else:
+        self._json(200, _COMPLETION)
+
+
+@contextlib.contextmanager
+def _serve(handler: type[_Fake]) -> Iterator[tuple[str, ThreadingHTTPServer]]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+
+def _post(base: str, **kwargs) -> httpx.Response:  # type: ignore[no-untyped-def]
+    return httpx.post(base + "/v1/chat/completions", json=_BODY, timeout=30, **kwargs)
+
+
+def test_ready_flood_does_not_probe_or_mark_down(gateway_server, record):
+    """/ready serves the pools' state: 200 concurrent calls reach no engine and mark nothing down; addresses only
+    with the key."""
+    fake = _fake()
+    with _serve(fake) as (url, _), gateway_server(GatewayConfig(engines=(url,), api_keys=("k",))) as gw:
+        before = len(fake.health)
+
+        async def flood() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=30) as client:
+                return list(await asyncio.gather(*(client.get(gw + "/ready") for _ in range(200))))
+
+        t0 = time.monotonic()
+        responses = asyncio.run(flood())
+        flood_s = time.monotonic() - t0
+        assert [r.status_code for r in responses] == [200] * 200
+        assert all(r.json()["engines"] == [{"up": True, "in_flight": 0}] for r in responses)  # no address
+        probes = len(fake.health) - before
+        assert probes <= 2, probes  # at most the background prober's own ticks
+        keyed = httpx.get(gw + "/ready", headers={"Authorization": "Bearer k"}, timeout=10).json()
+        assert keyed["engines"] == [{"url": url, "up": True, "in_flight": 0}]
+        assert _post(gw, headers={"Authorization": "Bearer k"}).status_code == 200
+    record("/ready flood (200 concurrent, keys configured)",
+           "all 200 from the pool's state, no engine probed, no address without the key",
+           flood_s=round(flood_s, 2), engine_probes_during_flood=probes)
+
+
+def test_background_health_probe_marks_a_vanished_engine_down(gateway_server, monkeypatch, record):
+    monkeypatch.setattr(backends_module, "HEALTH_INTERVAL_S", 0.2)
+    fake = _fake()
+    fake.protocol_version = "HTTP/1.0"  # no keep-alive: a handler thread must not outlive the server
+    with _serve(fake) as (url, server), gateway_server(GatewayConfig(engines=(url,), probe_interval_s=0.2)) as gw:
+        pool = gateway_server.apps[gw].state.gateway.pool
+        wait_for(lambda: len(fake.health) >= 3, 10, "background health probes of an up engine")
+        server.shutdown()
+        server.server_close()
+        gone_s = wait_for(lambda: not pool.engines[0].up, 10, "the vanished engine to be marked down")
+        assert httpx.get(gw + "/ready", timeout=10).status_code == 503
+    record("engine vanishes while idle", "the background health probe marks it down (2 misses in a row); /ready 503",
+           marked_down_after_s=round(gone_s, 2))
+
+
+def test_connect_timeout_fails_over(gateway_server, record):
+    """An engine that stops accepting connections (full backlog: SYNs dropped) costs one connect timeout: it is
+    marked down and the request is answered by the next engine, not 504."""
+    good = _fake()
+    first = _fake()
+    with _serve(good) as (good_url, _), _serve(first) as (url, server):
+        port = server.server_address[1]
+        config = GatewayConfig(engines=(url, good_url), connect_timeout_s=0.5)
+        with gateway_server(config) as gw:
+            pool = gateway_server.apps[gw].state.gateway.pool
+            assert [e.up for e in pool.engines] == [True, True]
+            server.shutdown()
+            server.server_close()
+            hole = socket.socket()
+            hole.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            hole.bind(("127.0.0.1", port))
+            hole.listen(0)
+            fill = []
+            for _ in range(3):  # fill the accept queue: further connects hang
+                c = socket.socket()
+                c.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    c.connect(("127.0.0.1", port))
+                fill.append(c)
+            try:
+                t0 = time.monotonic()
+                r = _post(gw)
+                took = time.monotonic() - t0
+                assert r.status_code == 200, r.text
+                assert not pool.engines[0].up and len(first.posts) == 0 and len(good.posts) == 1
+                assert metric(gw, "mgm_gateway_engine_retries_total") == 1
+                assert _post(gw).status_code == 200
+            finally:
+                for c in fill:
+                    c.close()
+                hole.close()
+    record("engine connect timeout (2 engines)", "marked down, answered by the other engine (no 504)",
+           answered_after_s=round(took, 2))
+
+
+def test_stale_keep_alive_connection_is_resent_not_marked_down(gateway_server, record):
+    fake = _fake(_stale)
+    with _serve(fake) as (url, _), gateway_server(GatewayConfig(engines=(url,))) as gw:
+        state = gateway_server.apps[gw].state.gateway
+        assert _post(gw).status_code == 200
+        r = _post(gw)  # goes out on the pooled connection, which the engine closes: re-sent on a fresh one
+        assert r.status_code == 200, r.text
+        assert state.pool.engines[0].up and state.engine_client.stale_retries == 1
+        assert metric(gw, "mgm_gateway_engine_retries_total") == 0 and metric(gw, "mgm_gateway_engine_up") == 1
+        assert len(fake.posts) == 3
+    record("engine closes a pooled keep-alive connection", "re-sent once on a fresh connection; engine stays up")
+
+
+def test_request_that_crashes_engines_is_retried_once_and_named(gateway_server, record):
+    crashers = [_fake(_crash, f"Crash{i}") for i in range(3)]
+    good = _fake()
+    with contextlib.ExitStack() as stack:
+        urls = [stack.enter_context(_serve(h))[0] for h in crashers]
+        good_url = stack.enter_context(_serve(good))[0]
+        config = GatewayConfig(engines=(*urls, good_url), probe_interval_s=60)  # crashed engines stay down here
+        gw = stack.enter_context(gateway_server(config))
+        r = _post(gw)
+        assert r.status_code == 502, r.text
+        error = r.json()["error"]
+        assert error["code"] == "engine_error"
+        posts = [h.posts for h in crashers]
+        assert [len(p) for p in posts] == [1, 1, 0] and not good.posts  # tried twice, not on every engine
+        request_id = posts[0][0]
+        assert request_id and request_id.startswith("gw-") and posts[1][0] == request_id
+        assert request_id in error["message"]
+        assert metric(gw, "mgm_gateway_engine_crashes_total") == 2
+        r = _post(gw)  # the third crasher, then (one retry) the good engine
+        assert r.status_code == 200, r.text
+        assert len(crashers[2].posts) == 1 and len(good.posts) == 1
+    record("request that crashes every engine (4 engines)",
+           "tried on 2 engines, then 502 engine_error naming the request id; the next request is answered")
+
+
+def test_engine_failing_fast_with_5xx_is_backed_off(gateway_server, record):
+    bad = _fake(_fail_fast)
+    good = _fake()
+    with _serve(bad) as (bad_url, _), _serve(good) as (good_url, _):
+        with gateway_server(GatewayConfig(engines=(bad_url, good_url))) as gw:
+            statuses = [_post(gw).status_code for _ in range(12)]
+            pool = gateway_server.apps[gw].state.gateway.pool
+            assert statuses == [500] * engine_pool.ERROR_THRESHOLD + [200] * (12 - engine_pool.ERROR_THRESHOLD)
+            assert pool.engines[0].up  # its /health is fine: not down, only cooling down
+            assert metric(gw, "mgm_gateway_engine_backoffs_total") == 1
+    record("engine answering 500 fast (2 engines)",
+           f"after {engine_pool.ERROR_THRESHOLD} 5xx in a row it is skipped for {engine_pool.COOLDOWN_S:g} s; "
+           "the rest go to the healthy engine", errors_before_backoff=statuses.count(500))
