@@ -102,25 +102,18 @@ def _fake_backends(worker_data: list[dict], delay_s: float):  # type: ignore[no-
     import time
     from http.server import BaseHTTPRequestHandler
 
+    from support.stub_engine import StubEngine
+
     def chunk(delta: dict, finish: str | None = None) -> bytes:  # type: ignore[type-arg]
         payload = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": "fake",
                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
         return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
-    class Engine(BaseHTTPRequestHandler):
-        def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
-            pass
-
-        def do_GET(self) -> None:
-            body = json.dumps({"object": "list", "data": [{"id": "fake", "object": "model"}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    class Engine(StubEngine):
+        model = "fake"
 
         def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            self.read_body()
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.end_headers()  # HTTP/1.0: the body ends when the connection closes

@@ -7,7 +7,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import httpx
 import openai
@@ -15,6 +15,7 @@ import pytest
 
 from server.procs import free_port
 from server.gateway.config import GatewayConfig
+from support.stub_engine import StubEngine
 
 KEY = "sk-test-gateway"
 
@@ -148,20 +149,11 @@ _CHUNK = (b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":
           b'"choices":[{"index":0,"delta":{"role":"assistant","content":"Hel"},"finish_reason":null}]}\n\n')
 
 
-class _DyingEngine(BaseHTTPRequestHandler):
-    def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
-        pass
-
-    def do_GET(self) -> None:
-        body = b'{"object":"list","data":[{"id":"broken","object":"model"}]}' if self.path == "/v1/models" else b"{}"
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+class _DyingEngine(StubEngine):
+    model = "broken"
 
     def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.read_body()
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")

@@ -5,36 +5,24 @@ records the body it got; the gateway is real."""
 from __future__ import annotations
 
 import json
-from http.server import BaseHTTPRequestHandler
 
 import httpx
 import pytest
 
 from server.gateway.config import GatewayConfig
 from support.live import http_server
+from support.stub_engine import StubEngine
 
 
-class _Recorder(BaseHTTPRequestHandler):
+class _Recorder(StubEngine):
+    model = "rec"
     bodies: list[dict] = []  # type: ignore[type-arg]
     request_ids: list[str | None] = []
 
-    def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
-        pass
-
-    def _json(self, body: bytes) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self) -> None:
-        self._json(b'{"object":"list","data":[{"id":"rec","object":"model"}]}' if self.path == "/v1/models" else b"{}")
-
     def do_POST(self) -> None:
-        type(self).bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        type(self).bodies.append(json.loads(self.read_body()))
         type(self).request_ids.append(self.headers.get("x-request-id"))
-        self._json(json.dumps({"id": "c", "object": "chat.completion", "created": 1, "model": "rec", "choices": [
+        self.send_json(json.dumps({"id": "c", "object": "chat.completion", "created": 1, "model": "rec", "choices": [
             {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}).encode())
 
 

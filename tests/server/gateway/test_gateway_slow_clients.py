@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import socket
 import time
-from http.server import BaseHTTPRequestHandler
 
 import httpx
 import pytest
 
 from server.gateway.config import GatewayConfig
 from support.live import http_server
+from support.stub_engine import StubEngine
 
 MSG = [{"role": "user", "content": "Hi"}]
 _EVENT = b"data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "firehose",
@@ -21,22 +21,13 @@ _EVENT = b"data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", "
                                               "finish_reason": None}]}).encode() + b"\n\n"
 
 
-class _Firehose(BaseHTTPRequestHandler):
+class _Firehose(StubEngine):
     """An engine that answers every chat request with ~64 MB of stream as fast as the socket takes it."""
 
-    def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
-        pass
-
-    def do_GET(self) -> None:
-        body = b'{"object":"list","data":[{"id":"firehose","object":"model"}]}' if self.path == "/v1/models" else b"{}"
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+    model = "firehose"
 
     def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.read_body()
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")

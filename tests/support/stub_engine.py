@@ -1,0 +1,30 @@
+"""A stand-in engine for gateway tests that inject faults or inspect what the gateway sends: a plain
+``http.server`` handler whose GETs answer like an engine (``/v1/models`` lists :attr:`StubEngine.model`, anything
+else, such as ``/health``, is 200 ``{}``). Subclasses implement ``do_POST``; serve them with
+:func:`support.live.http_server`."""
+
+from __future__ import annotations
+
+import json
+from http.server import BaseHTTPRequestHandler
+
+
+class StubEngine(BaseHTTPRequestHandler):
+    model = "stub"
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def send_json(self, body: bytes, status: int = 200) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def read_body(self) -> bytes:
+        return self.rfile.read(int(self.headers.get("Content-Length", "0")))
+
+    def do_GET(self) -> None:
+        models = {"object": "list", "data": [{"id": self.model, "object": "model"}]}
+        self.send_json(json.dumps(models).encode() if self.path == "/v1/models" else b"{}")
