@@ -28,7 +28,6 @@ from server.errors import APIError, validation_error
 from server.gateway import sse
 from server.gateway.image_generation import ImagesService, extract_caption
 from server.gateway.protocol import ImageOptions
-from server.gateway.relay import StreamWrapper
 
 logger = logging.getLogger("mgm.gateway")
 
@@ -112,11 +111,7 @@ class Generation:
                     choice["message"]["images"] = images[index]
         return payload
 
-    @property
-    def stream_wrapper(self) -> StreamWrapper:
-        return self._wrap
-
-    async def _wrap(self, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    async def wrap_stream(self, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         """Passes a chat stream on while collecting each choice's text; before ``[DONE]`` sends one chunk with the
         images (or an ``error`` event when drawing failed)."""
         texts: dict[int, str] = {}

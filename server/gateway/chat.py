@@ -55,7 +55,7 @@ class ChatService:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await self.relay.stream(body, include_usage, None if generation is None
-                                           else generation.stream_wrapper, request_id)
+                                           else generation.wrap_stream, request_id)
         payload = await self.relay.complete(body, request_id)
         if generation is not None:
             payload = await generation.add_images(payload)

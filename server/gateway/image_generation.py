@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from engine.names import GEN_SUFFIX
+from engine.names import CAPTION_CLOSE, CAPTION_OPEN, GEN_SUFFIX
 from server.errors import APIError
 from server.gateway.cancellation import gather_or_cancel
 from server.gateway.config import GatewayConfig
@@ -39,11 +39,11 @@ def extract_caption(text: str) -> str | None:
     empty). Unlike ``text.split("</h>")[-2].split("<h>")[-1]`` this never returns text outside a span when a stray
     ``</h>`` follows the last real one."""
     end = len(text)
-    while (close := text.rfind("</h>", 0, end)) >= 0:  # bounded: end strictly decreases
-        prev_close = text.rfind("</h>", 0, close)
-        segment = text[prev_close + 4 if prev_close >= 0 else 0:close]
-        if (open_ := segment.rfind("<h>")) >= 0:
-            caption = segment[open_ + 3:].strip()
+    while (close := text.rfind(CAPTION_CLOSE, 0, end)) >= 0:  # bounded: end strictly decreases
+        prev_close = text.rfind(CAPTION_CLOSE, 0, close)
+        segment = text[prev_close + len(CAPTION_CLOSE) if prev_close >= 0 else 0:close]
+        if (open_ := segment.rfind(CAPTION_OPEN)) >= 0:
+            caption = segment[open_ + len(CAPTION_OPEN):].strip()
             return caption or None
         end = close
     return None

@@ -63,8 +63,3 @@ def encode(payload: Any, event: str | None = None) -> bytes:
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     head = f"event: {event}\n".encode() if event else b""
     return head + b"data: " + body + b"\n\n"
-
-
-def comment(text: str) -> bytes:
-    """One SSE comment line (``: text``), ignored by clients; newlines in ``text`` are replaced by spaces."""
-    return b": " + text.replace("\r", " ").replace("\n", " ").encode() + b"\n\n"

@@ -22,6 +22,16 @@ class StubEngine(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def start_stream(self) -> None:
+        """Status and headers of a chunked SSE answer; then :meth:`write_chunk` each piece."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def write_chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
     def read_body(self) -> bytes:
         return self.rfile.read(int(self.headers.get("Content-Length", "0")))
 

@@ -154,11 +154,8 @@ class _DyingEngine(StubEngine):
 
     def do_POST(self) -> None:
         self.read_body()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(_CHUNK), _CHUNK))
+        self.start_stream()
+        self.write_chunk(_CHUNK)
         self.wfile.flush()
         self.close_connection = True
         self.connection.shutdown(socket.SHUT_RDWR)  # gone before the end of the body

@@ -28,13 +28,10 @@ class _Firehose(StubEngine):
 
     def do_POST(self) -> None:
         self.read_body()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
+        self.start_stream()
         try:
             for _ in range(4000):  # bounded; the gateway stops reading once its client stalls
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(_EVENT), _EVENT))
+                self.write_chunk(_EVENT)
             self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
             pass
