@@ -7,7 +7,7 @@ The official `` <GEN>`` suffix goes onto the last user turn; the model answers i
 caption: what the engine returns is what is used.
 
 While the images are drawn a stream sends an SSE comment (:data:`server.gateway.sse.KEEPALIVE`) every
-:data:`KEEPALIVE_S` seconds, so proxies with idle timeouts do not cut it; if drawing fails for any reason the stream
+``stream_keepalive_s`` seconds (``--stream-keepalive``), so proxies with idle timeouts do not cut it; if drawing fails for any reason the stream
 ends with an ``error`` event (an unexpected failure: a generic message with the request's chat id, details logged).
 """
 
@@ -30,10 +30,6 @@ from server.gateway.image_generation import ImagesService, extract_caption
 from server.gateway.protocol import ImageOptions
 
 logger = logging.getLogger("mgm.gateway")
-
-#: Seconds between SSE keep-alive comments while a stream waits for its images.
-KEEPALIVE_S = 5.0
-
 
 def add_gen_suffix(messages: list[dict[str, Any]]) -> None:
     """Append the official `` <GEN>`` suffix to the text of the last user turn (in place)."""
@@ -124,7 +120,7 @@ class Generation:
                         self.images.draw_captions(captions, self.options, self.size, self.base_url))
                     try:
                         while not drawing.done():  # bounded by the drawing (the SDXL pool's job timeout)
-                            await asyncio.wait({drawing}, timeout=KEEPALIVE_S)
+                            await asyncio.wait({drawing}, timeout=self.images.config.stream_keepalive_s)
                             if not drawing.done():
                                 yield sse.KEEPALIVE
                         images = drawing.result()

@@ -18,7 +18,7 @@ from typing import Generic, TypeVar
 
 from server.gateway.discovery import BackendDiscovery, Resolve, reconcile
 
-#: How often up backends are health-probed in the background (a config field would be better: see the lead's notes).
+#: How often up backends are health-probed in the background by default (``GatewayConfig.health_interval_s``).
 HEALTH_INTERVAL_S = 5.0
 #: Failed background probes in a row that take an up backend out of rotation (one slow answer is not enough).
 HEALTH_FAILURES = 2

@@ -57,6 +57,17 @@ def register(sub: SubParsers, common: argparse.ArgumentParser) -> None:
              help="request body cap; larger bodies get 413 before they are read")
     add_flag(p, "--max-json-items", env="MGM_MAX_JSON_ITEMS", type=int, default=gw.max_json_items,
              help="JSON values one request body may hold; beyond that 413 before it is parsed")
+    add_flag(p, "--max-prompt-chars-per-token", env="MGM_MAX_PROMPT_CHARS_PER_TOKEN", type=int,
+             default=gw.max_prompt_chars_per_token,
+             help="text longer than the engines' context × this many characters is a 400 before the engine sees it")
+    add_flag(p, "--health-interval", env="MGM_HEALTH_INTERVAL", type=float, default=gw.health_interval_s,
+             metavar="SECONDS", help="how often up engines and SDXL workers are health-probed in the background")
+    add_flag(p, "--engine-error-threshold", env="MGM_ENGINE_ERROR_THRESHOLD", type=int,
+             default=gw.engine_error_threshold, help="consecutive 5xx answers after which an engine cools down")
+    add_flag(p, "--engine-cooldown", env="MGM_ENGINE_COOLDOWN", type=float, default=gw.engine_cooldown_s,
+             metavar="SECONDS", help="how long a cooling-down engine gets no traffic while another is up")
+    add_flag(p, "--stream-keepalive", env="MGM_STREAM_KEEPALIVE", type=float, default=gw.stream_keepalive_s,
+             metavar="SECONDS", help="SSE keep-alive comment interval while an any-to-any stream waits for SDXL")
     add_flag(p, "--chat-max-in-flight", env="MGM_CHAT_MAX_IN_FLIGHT", type=int, default=gw.chat_max_in_flight,
              help="chat requests served at once")
     add_flag(p, "--chat-max-queue", env="MGM_CHAT_MAX_QUEUE", type=int, default=gw.chat_max_queue,
@@ -87,7 +98,9 @@ def run_gateway(args: argparse.Namespace) -> int:
             chat_max_in_flight=args.chat_max_in_flight, chat_max_queue=args.chat_max_queue,
             chat_queue_timeout_s=args.chat_queue_timeout, drain_timeout_s=args.drain_timeout,
             client_read_timeout_s=args.client_read_timeout, client_write_timeout_s=args.client_write_timeout,
-            discover_interval_s=args.discover_interval,
+            discover_interval_s=args.discover_interval, max_prompt_chars_per_token=args.max_prompt_chars_per_token,
+            health_interval_s=args.health_interval, engine_error_threshold=args.engine_error_threshold,
+            engine_cooldown_s=args.engine_cooldown, stream_keepalive_s=args.stream_keepalive,
             images=ImagePolicy(timeout_s=args.image_fetch_timeout, max_bytes=args.max_image_bytes,
                                max_pixels=args.max_image_pixels, dns_timeout_s=args.image_dns_timeout,
                                allowed_ports=tuple(args.allowed_image_port),

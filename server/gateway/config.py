@@ -52,6 +52,10 @@ class GatewayConfig:
     enhance_temperature: float = 0.2
     images: ImagePolicy = ImagePolicy()
     max_body_bytes: int = 64 * 1024 * 1024  # request body cap (413 above)
+    #: Prompt pre-check (server.gateway.chat): text longer than the engines' context × this many characters is a
+    #: 400 before the engine tokenises it (no real tokenizer averages more than ~5 characters per token; the engine
+    #: still enforces the exact limit).
+    max_prompt_chars_per_token: int = 16
     #: JSON values one body may hold (counted as commas while it arrives): bounds what parsing it costs (413 above).
     max_json_items: int = 200_000
     #: Chat admission (server.gateway.admission): requests served at once, requests waiting for a slot (429 beyond),
@@ -68,6 +72,13 @@ class GatewayConfig:
     connect_timeout_s: float = 3.0
     request_timeout_s: float = 600.0
     probe_interval_s: float = 2.0  # how often a down engine is re-probed
+    health_interval_s: float = 5.0  # how often up engines and workers are health-probed in the background
+    #: Error back-off (server.gateway.engine_pool): consecutive 5xx answers after which an engine cools down, and
+    #: for how long.
+    engine_error_threshold: int = 3
+    engine_cooldown_s: float = 5.0
+    #: Any-to-any streams: an SSE comment this often while SDXL draws, so idle-timeout proxies keep the stream.
+    stream_keepalive_s: float = 5.0
     #: > 0: engine/worker URLs with a DNS host stand for every address it resolves to (a headless Service),
     #: re-resolved this often (server.gateway.discovery); 0: URLs are used as given.
     discover_interval_s: float = 0.0
@@ -78,6 +89,8 @@ class GatewayConfig:
             raise ValueError("chat_max_in_flight must be >= 1, chat_max_queue >= 0, chat_queue_timeout_s > 0")
         if self.client_read_timeout_s <= 0 or self.client_write_timeout_s <= 0:
             raise ValueError("client_read_timeout_s and client_write_timeout_s must be > 0")
+        if self.max_prompt_chars_per_token < 1:
+            raise ValueError("max_prompt_chars_per_token must be >= 1")
         if self.drain_timeout_s < 0 or self.max_body_bytes < 1 or self.max_json_items < 1:
             raise ValueError("drain_timeout_s must be >= 0, max_body_bytes and max_json_items >= 1")
         if self.sdxl_max_in_flight < 1 or self.sdxl_max_queue < 0 or self.image_store_ttl_s <= 0:
@@ -85,6 +98,10 @@ class GatewayConfig:
         for url in self.sdxl_workers:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"SDXL worker URL must start with http:// or https://, got {url!r}")
+        if self.health_interval_s <= 0 or self.engine_cooldown_s < 0 or self.stream_keepalive_s <= 0:
+            raise ValueError("health_interval_s and stream_keepalive_s must be > 0, engine_cooldown_s >= 0")
+        if self.engine_error_threshold < 1:
+            raise ValueError("engine_error_threshold must be >= 1")
         if self.discover_interval_s < 0:
             raise ValueError("discover_interval_s must be >= 0")
         if not self.engines:

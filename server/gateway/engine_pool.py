@@ -5,8 +5,8 @@ re-probes, and (with ``discover_interval_s > 0``) DNS discovery of the engines b
 
 **Error back-off.** An engine that answers fast with 5xx stays up (its ``/health`` is fine) and, being the least
 loaded, would get the most traffic. So the pool counts each engine's consecutive 5xx answers (:meth:`answered`; any
-other answer resets the count): after :data:`ERROR_THRESHOLD` in a row the engine cools down for
-:data:`COOLDOWN_S` seconds, during which ``pick`` skips it while another up engine is left (if every candidate is
+other answer resets the count): after ``error_threshold`` in a row (``--engine-error-threshold``) the engine cools
+down for ``cooldown_s`` seconds (``--engine-cooldown``), during which ``pick`` skips it while another up engine is left (if every candidate is
 cooling down, the least loaded of them is used: a possibly failing answer beats none). Each cool-down counts in
 ``mgm_gateway_engine_backoffs``."""
 
@@ -25,7 +25,7 @@ from server.gateway.metrics import GatewayMetrics
 
 logger = logging.getLogger("mgm.gateway.routing")
 
-#: Consecutive 5xx answers after which an engine cools down, and for how long (seconds).
+#: Defaults: consecutive 5xx answers after which an engine cools down, and for how long (seconds).
 ERROR_THRESHOLD = 3
 COOLDOWN_S = 5.0
 
@@ -33,6 +33,7 @@ COOLDOWN_S = 5.0
 @dataclass(eq=False)
 class Engine(Backend):
     models: tuple[str, ...] = ()  # model ids from its /v1/models, learnt on the first successful probe
+    max_model_len: int | None = None  # its context in tokens (vLLM's model card field), learnt with the ids
     errors: int = 0  # consecutive 5xx answers
     cooldown_until: float = 0.0  # time.monotonic() until which pick() prefers other engines
 
@@ -54,13 +55,15 @@ class EnginePool(BackendPool[Engine]):
 
     def __init__(self, urls: tuple[str, ...], client: httpx.AsyncClient, metrics: GatewayMetrics | None = None, *,
                  probe_interval_s: float = 2.0, probe_timeout_s: float = 2.0, discover_interval_s: float = 0.0,
-                 resolve: Resolve | None = None, health_interval_s: float | None = None) -> None:
+                 resolve: Resolve | None = None, health_interval_s: float | None = None,
+                 error_threshold: int = ERROR_THRESHOLD, cooldown_s: float = COOLDOWN_S) -> None:
         super().__init__(urls, Engine, logger, probe_interval_s=probe_interval_s,
                          discover_interval_s=discover_interval_s, resolve=resolve,
                          health_interval_s=health_interval_s)
         self.client = client
         self.metrics = metrics
         self.probe_timeout_s = probe_timeout_s
+        self.error_threshold, self.cooldown_s = error_threshold, cooldown_s
 
     @property
     def engines(self) -> list[Engine]:
@@ -74,7 +77,10 @@ class EnginePool(BackendPool[Engine]):
             if ok and not engine.models:
                 m = await self.client.get(engine.url + "/v1/models", timeout=self.probe_timeout_s)
                 if m.status_code == 200:
-                    engine.models = tuple(str(d["id"]) for d in m.json().get("data", []) if "id" in d)
+                    cards = [d for d in m.json().get("data", []) if isinstance(d, dict) and "id" in d]
+                    engine.models = tuple(str(d["id"]) for d in cards)
+                    lengths = [d["max_model_len"] for d in cards if isinstance(d.get("max_model_len"), int)]
+                    engine.max_model_len = min(lengths) if lengths else None
         except (httpx.HTTPError, ValueError, KeyError):
             ok = False
         return ok
@@ -124,11 +130,11 @@ class EnginePool(BackendPool[Engine]):
             engine.errors = 0
             return
         engine.errors += 1
-        if engine.errors >= ERROR_THRESHOLD:
+        if engine.errors >= self.error_threshold:
             engine.errors = 0
-            engine.cooldown_until = time.monotonic() + COOLDOWN_S
+            engine.cooldown_until = time.monotonic() + self.cooldown_s
             logger.warning("engine cooling down after repeated errors", extra={"fields": {
-                "engine": engine.url, "status": status, "cooldown_s": COOLDOWN_S}})
+                "engine": engine.url, "status": status, "cooldown_s": self.cooldown_s}})
             if self.metrics is not None:
                 self.metrics.engine_backoffs.inc()
 
@@ -140,6 +146,10 @@ class EnginePool(BackendPool[Engine]):
         engine.in_flight += 1
         self._gauges(engine)
         return EngineLease(self, engine)
+
+    def max_model_len(self) -> int | None:
+        """The smallest context (tokens) any known engine serves; None while no engine has said."""
+        return min((e.max_model_len for e in self.engines if e.max_model_len), default=None)
 
     def models(self) -> list[str]:
         seen: dict[str, None] = {}

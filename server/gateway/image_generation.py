@@ -92,14 +92,14 @@ class ImagesService:
         if req.model is not None and req.model != self.config.image_model_name:
             raise APIError(404, f"The model '{req.model}' does not exist.", param="model", code="model_not_found")
         width, height = self.size(req.size)
-        pool.admit(len(pool.split(req.n)))
-        # 2. The SDXL prompt: MGM's caption of the request, or the request itself.
-        if req.enhance_prompt:
-            prompt, how = await self.enhance(req.prompt)
-        else:
-            prompt, how = req.prompt, "disabled"
-        # 3. Render and hand back.
-        items = await pool.generate(req.worker_payload(prompt, req.n, width, height))
+        with pool.reserve(len(pool.split(req.n))):  # held through the re-caption: a 429 costs no engine time
+            # 2. The SDXL prompt: MGM's caption of the request, or the request itself.
+            if req.enhance_prompt:
+                prompt, how = await self.enhance(req.prompt)
+            else:
+                prompt, how = req.prompt, "disabled"
+            # 3. Render and hand back.
+            items = await pool.generate(req.worker_payload(prompt, req.n, width, height), reserved=True)
         fmt = req.response_format or "url"
         data = [{**image_entry(item, fmt, self.store, base_url), "revised_prompt": prompt} for item in items]
         self.metrics.images_generated.labels("/v1/images/generations").inc(len(data))

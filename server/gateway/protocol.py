@@ -100,6 +100,16 @@ class ChatCompletionRequest(_Open):
         """Names of top-level fields that are not part of the schema (logged, forwarded)."""
         return sorted(self.model_extra or {})
 
+    def text_chars(self) -> int:
+        """Characters of text in the messages (what the engine will tokenise, images aside)."""
+        total = 0
+        for m in self.messages:
+            if isinstance(m.content, str):
+                total += len(m.content)
+            elif m.content:
+                total += sum(len(p.text) for p in m.content if isinstance(p, TextPart))
+        return total
+
 
 # --- images (OpenAI ``POST /v1/images/generations``; chat's ``image_options``) ---------------------------------------
 

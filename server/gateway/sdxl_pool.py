@@ -3,8 +3,11 @@
 * **Routing**: each job goes to the up worker with the fewest jobs in flight from this gateway (ties: the first
   listed). A worker takes at most ``max_in_flight`` jobs at a time from the gateway (one running, the rest queued in
   the worker where it can batch them).
-* **Bounded queue**: when every up worker is at its cap, a job waits in the gateway; at most ``max_queue`` jobs
-  wait, beyond that the request gets 429 ``queue_full`` with ``retry-after``.
+* **Bounded queue, reserved up front**: when every up worker is at its cap, a job waits in the gateway. A request
+  reserves places for all its jobs when it is admitted (:meth:`SDXLPool.reserve`, before any MGM re-caption time is
+  spent) and holds them until its images are back: the pool never holds more jobs than the up workers' slots plus
+  ``max_queue``, and a job that was admitted is never refused half-way (which would throw away its siblings' work).
+  Beyond that the request gets 429 ``queue_full`` with ``retry-after``.
 * **Retries**: a worker that refuses the connection, drops it, or answers 503 is marked down and the job moves to
   another worker (each worker at most once per job); a down worker is re-probed (``GET /ready``) every
   ``probe_interval_s`` until it answers again; up workers are re-checked in the background
@@ -30,6 +33,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +72,7 @@ class SDXLPool(BackendPool[SDXLWorker]):
         self.probe_timeout_s = probe_timeout_s
         self.retry_after_s, self.job_timeout_s = retry_after_s, job_timeout_s
         self.waiting = 0
+        self.reserved = 0  # jobs admitted (reserve) and not yet finished
         self._changed = asyncio.Condition()  # notified on every slot release and up/down change: wakes waiting jobs
 
     @property
@@ -136,13 +141,24 @@ class SDXLPool(BackendPool[SDXLWorker]):
         return APIError(429, f"The image queue is full ({self.max_queue} jobs waiting); retry later.",
                         code="queue_full", headers={"retry-after": str(self.retry_after_s)})
 
-    def admit(self, jobs: int) -> None:
-        """Refuse a request up front (429) when its jobs would not fit in the free slots plus the queue."""
+    def capacity(self) -> int:
+        """Jobs the pool holds at once: every up worker's slots plus the gateway queue."""
+        return sum(self.max_in_flight for w in self.workers if w.up) + self.max_queue
+
+    @contextlib.contextmanager
+    def reserve(self, jobs: int) -> Iterator[None]:
+        """Admit a request of ``jobs`` jobs (503 with no worker up, 429 when they do not fit) and hold their places
+        until the block ends. Synchronous check-and-take: no await between them, so concurrent requests cannot
+        both take the last places."""
         if not self.any_up:
             raise self._unavailable()
-        free = sum(max(0, self.max_in_flight - w.in_flight) for w in self.workers if w.up)
-        if self.waiting + max(0, jobs - free) > self.max_queue:
+        if self.reserved + jobs > self.capacity():
             raise self._queue_full()
+        self.reserved += jobs
+        try:
+            yield
+        finally:
+            self.reserved -= jobs
 
     async def _acquire(self, tried: set[SDXLWorker], last_error: APIError | None) -> SDXLWorker:
         """A slot on the least loaded up worker not in ``tried``; waits (bounded queue) while all are busy."""
@@ -150,8 +166,7 @@ class SDXLPool(BackendPool[SDXLWorker]):
         if worker is None:
             if not any(w.up and w not in tried for w in self.workers):
                 raise last_error or self._unavailable()
-            if self.waiting >= self.max_queue:
-                raise self._queue_full()
+            # No queue_full here: the job's place was reserved when its request was admitted.
             self.waiting += 1
             self._gauges()
             try:
@@ -229,10 +244,13 @@ class SDXLPool(BackendPool[SDXLWorker]):
             sizes.append(n % per_job)
         return sizes
 
-    async def generate(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
-        """``payload`` as for the worker, any ``n``: split into jobs, run concurrently, images in order."""
+    async def generate(self, payload: dict[str, Any], *, reserved: bool = False) -> list[dict[str, Any]]:
+        """``payload`` as for the worker, any ``n``: split into jobs, run concurrently, images in order. Reserves
+        places for its jobs itself unless the caller holds a :meth:`reserve` block (``reserved=True``)."""
         sizes = self.split(int(payload.get("n", 1)))
-        self.admit(len(sizes))
+        if not reserved:
+            with self.reserve(len(sizes)):
+                return await self.generate(payload, reserved=True)
         jobs = []
         offset = 0
         for size in sizes:

@@ -55,13 +55,16 @@ class Gateway:
                                         limits=httpx.Limits(max_connections=1024, max_keepalive_connections=128))
         self.engine_client = EngineClient(cfg.connect_timeout_s, cfg.request_timeout_s)
         self.pool = EnginePool(cfg.engines, self.client, self.metrics, probe_interval_s=cfg.probe_interval_s,
-                               discover_interval_s=cfg.discover_interval_s, resolve=self.resolver)
+                               discover_interval_s=cfg.discover_interval_s, resolve=self.resolver,
+                               health_interval_s=cfg.health_interval_s, error_threshold=cfg.engine_error_threshold,
+                               cooldown_s=cfg.engine_cooldown_s)
         await self.pool.probe_all()
         if cfg.sdxl_workers:
             self.sdxl = SDXLPool(cfg.sdxl_workers, self.client, self.metrics, max_in_flight=cfg.sdxl_max_in_flight,
                                  max_queue=cfg.sdxl_max_queue, probe_interval_s=cfg.probe_interval_s,
                                  retry_after_s=cfg.retry_after_s, job_timeout_s=cfg.sdxl_job_timeout_s,
-                                 discover_interval_s=cfg.discover_interval_s, resolve=self.resolver)
+                                 discover_interval_s=cfg.discover_interval_s, resolve=self.resolver,
+                                 health_interval_s=cfg.health_interval_s)
             await self.sdxl.probe_all()
         relay = ChatRelay(cfg, self.pool, self.engine_client, self.metrics)
         self.models = ModelCatalog(cfg, self.pool)

@@ -156,13 +156,12 @@ def _stream_raw(base: str) -> bytes:
 
 
 def test_stream_sends_keep_alives_while_drawing(gateway_server, png, monkeypatch):  # type: ignore[no-untyped-def]
-    from server.gateway import any_to_any, sse
+    from server.gateway import sse
     from tests.support.live import http_server
 
-    monkeypatch.setattr(any_to_any, "KEEPALIVE_S", 0.2)
     engine, worker = _fake_backends([{"b64_json": base64.b64encode(png).decode(), "seed": 1}], delay_s=1.3)
     with http_server(engine) as engine_url, http_server(worker) as worker_url:
-        config = GatewayConfig(engines=(engine_url,), sdxl_workers=(worker_url,))
+        config = GatewayConfig(engines=(engine_url,), sdxl_workers=(worker_url,), stream_keepalive_s=0.2)
         with gateway_server(config) as base:
             raw = _stream_raw(base)
     events = raw.split(b"\n\n")

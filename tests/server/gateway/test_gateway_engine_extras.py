@@ -60,3 +60,34 @@ def test_the_clients_request_id_reaches_the_engine(recording_gateway):
         assert r.status_code == 200, r.text
         got = _Recorder.request_ids[-1]
         assert (got == given) if expect_own else (got and got != given and got.startswith("gw-"))
+
+
+class _SmallContext(_Recorder):
+    """An engine whose model card says its context is 64 tokens (vLLM's ``max_model_len`` field)."""
+
+    bodies: list[dict] = []  # type: ignore[type-arg]
+    request_ids: list[str | None] = []
+
+    def do_GET(self) -> None:
+        card = {"id": self.model, "object": "model", "max_model_len": 64}
+        self.send_json(json.dumps({"object": "list", "data": [card]}).encode() if self.path == "/v1/models" else b"{}")
+
+
+def test_text_that_cannot_fit_the_context_never_reaches_the_engine(gateway_server):
+    """64 tokens × 4 characters per token (--max-prompt-chars-per-token 4) = 256 characters of text at most, counted
+    over every message and text part; beyond that a 400 before the engine tokenises anything."""
+    with http_server(_SmallContext) as engine, gateway_server(
+            GatewayConfig(engines=(engine,), probe_interval_s=0.2, max_prompt_chars_per_token=4)) as base:
+        def post(*texts: str) -> httpx.Response:
+            messages = [{"role": "system", "content": texts[0]},
+                        {"role": "user", "content": [{"type": "text", "text": t} for t in texts[1:]]}]
+            return httpx.post(base + "/v1/chat/completions", json={"model": "rec", "messages": messages}, timeout=10)
+
+        assert post("a" * 100, "b" * 100, "c" * 56).status_code == 200  # exactly 256
+        sent = len(_SmallContext.bodies)
+        r = post("a" * 100, "b" * 100, "c" * 57)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert (err["code"], err["param"]) == ("context_length_exceeded", "messages") and "64 tokens" in err["message"]
+        assert len(_SmallContext.bodies) == sent  # the engine saw nothing
+        assert post("ok", "fine").status_code == 200

@@ -168,6 +168,8 @@ def _cases() -> list[Case]:
                  {"type": "video_url", "video_url": {"url": "http://example.com/v.mp4"}}]}])))
     add(Case("chat", "text over the context length (engine)", 400, "context_length_exceeded", "messages",
              body=_chat(messages=[{"role": "user", "content": "hello " * 1500}])))
+    add(Case("chat", "900000 characters of text (refused before the engine: context × 16)", 400,
+             "context_length_exceeded", "messages", body=_chat(messages=[{"role": "user", "content": "word " * 180_000}])))
     add(Case("chat", "`max_tokens` = 0", 400, "invalid_value", "max_tokens", body=_chat(max_tokens=0)))
     add(Case("chat", "`max_tokens` < 0", 400, "invalid_value", "max_tokens", body=_chat(max_tokens=-5)))
     add(Case("chat", "`max_tokens` huge (engine)", 400, "invalid_value", "max_tokens",

@@ -27,8 +27,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests import stack
-from server.gateway import backends as backends_module
-from server.gateway import engine_pool
 from server.gateway.config import GatewayConfig
 from server.procs import Child, free_port, kill_children, stop_children
 
@@ -487,11 +485,11 @@ def test_ready_flood_does_not_probe_or_mark_down(gateway_server, record):
            flood_s=round(flood_s, 2), engine_probes_during_flood=probes)
 
 
-def test_background_health_probe_marks_a_vanished_engine_down(gateway_server, monkeypatch, record):
-    monkeypatch.setattr(backends_module, "HEALTH_INTERVAL_S", 0.2)
+def test_background_health_probe_marks_a_vanished_engine_down(gateway_server, record):
     fake = _fake()
     fake.protocol_version = "HTTP/1.0"  # no keep-alive: a handler thread must not outlive the server
-    with _serve(fake) as (url, server), gateway_server(GatewayConfig(engines=(url,), probe_interval_s=0.2)) as gw:
+    with _serve(fake) as (url, server), gateway_server(
+            GatewayConfig(engines=(url,), probe_interval_s=0.2, health_interval_s=0.2)) as gw:
         pool = gateway_server.apps[gw].state.gateway.pool
         wait_for(lambda: len(fake.health) >= 3, 10, "background health probes of an up engine")
         server.shutdown()
@@ -584,12 +582,13 @@ def test_engine_failing_fast_with_5xx_is_backed_off(gateway_server, record):
     bad = _fake(_fail_fast)
     good = _fake()
     with _serve(bad) as (bad_url, _), _serve(good) as (good_url, _):
-        with gateway_server(GatewayConfig(engines=(bad_url, good_url))) as gw:
+        config = GatewayConfig(engines=(bad_url, good_url), engine_error_threshold=2, engine_cooldown_s=30)
+        with gateway_server(config) as gw:
             statuses = [_post(gw).status_code for _ in range(12)]
             pool = gateway_server.apps[gw].state.gateway.pool
-            assert statuses == [500] * engine_pool.ERROR_THRESHOLD + [200] * (12 - engine_pool.ERROR_THRESHOLD)
+            assert statuses == [500] * 2 + [200] * 10  # --engine-error-threshold 2
             assert pool.engines[0].up  # its /health is fine: not down, only cooling down
             assert metric(gw, "mgm_gateway_engine_backoffs_total") == 1
     record("engine answering 500 fast (2 engines)",
-           f"after {engine_pool.ERROR_THRESHOLD} 5xx in a row it is skipped for {engine_pool.COOLDOWN_S:g} s; "
+           "after --engine-error-threshold 5xx in a row it is skipped for --engine-cooldown seconds; "
            "the rest go to the healthy engine", errors_before_backoff=statuses.count(500))
