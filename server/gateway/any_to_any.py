@@ -13,8 +13,6 @@ ends with an ``error`` event (an unexpected failure: a generic message with the 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -116,14 +114,14 @@ class Generation:
             if sse.data(event) == sse.DONE:
                 captions = {i: c for i, t in texts.items() if (c := extract_caption(t))}
                 if captions:
-                    drawing = asyncio.ensure_future(
-                        self.images.draw_captions(captions, self.options, self.size, self.base_url))
-                    try:
-                        while not drawing.done():  # bounded by the drawing (the SDXL pool's job timeout)
-                            await asyncio.wait({drawing}, timeout=self.images.config.stream_keepalive_s)
-                            if not drawing.done():
+                    drawing = self.images.draw_captions(captions, self.options, self.size, self.base_url)
+                    images: dict[int, list[dict[str, Any]]] = {}
+                    try:  # closing the stream (the client left) cancels the drawing
+                        async for got in sse.with_keepalive(sse.once(drawing), self.images.config.stream_keepalive_s):
+                            if got is None:
                                 yield sse.KEEPALIVE
-                        images = drawing.result()
+                            else:
+                                images = got
                     except APIError as exc:
                         yield sse.encode(exc.body(), "error")
                         return
@@ -134,11 +132,6 @@ class Generation:
                                        type_="server_error", code="image_generation_failed")
                         yield sse.encode(err.body(), "error")
                         return
-                    finally:
-                        if not drawing.done():  # the client left while the images were drawn
-                            drawing.cancel()
-                            with contextlib.suppress(asyncio.CancelledError, Exception):
-                                await drawing
                     yield sse.encode({
                         "id": meta.get("id"), "object": "chat.completion.chunk",
                         "created": meta.get("created") or int(time.time()), "model": meta.get("model"),

@@ -48,9 +48,10 @@ class GatewayConfig:
     image_store_max_items: int = 512
     image_store_max_bytes: int = 512 * 1024 * 1024
     #: Prompt enhancement (images API): max new tokens and temperature of the MGM re-caption call.
-    enhance_max_tokens: int = 128
+    enhance_max_tokens: int = 512  # the official CLI's cap: a caption at the end of a long answer is not cut off
     enhance_temperature: float = 0.2
     images: ImagePolicy = ImagePolicy()
+    max_edit_images: int = 4  # input images one /v1/images/edits request may carry (the first is drawn from)
     max_body_bytes: int = 64 * 1024 * 1024  # request body cap (413 above)
     #: Prompt pre-check (server.gateway.chat): text longer than the engines' context × this many characters is a
     #: 400 before the engine tokenises it (no real tokenizer averages more than ~5 characters per token; the engine

@@ -190,6 +190,11 @@ async def vet(url: str, policy: ImagePolicy, resolver: Resolver = system_resolve
 def check_data_url(url: str, policy: ImagePolicy) -> None:
     """A client's ``data:`` URL: shape, size cap, strict base64, and the same header-only image checks as a fetched
     image (real format allowed, pixel cap against decompression bombs). The engine does the full decode."""
+    decode_data_url(url, policy)
+
+
+def decode_data_url(url: str, policy: ImagePolicy) -> bytes:
+    """:func:`check_data_url`, returning the image's bytes."""
     head, sep, payload = url.partition(",")
     if not sep or not head.lower().startswith("data:image/") or not head.lower().endswith(";base64"):
         raise APIError(400, "Image data URLs must look like data:image/<type>;base64,<data>.", code="invalid_image")
@@ -200,6 +205,7 @@ def check_data_url(url: str, policy: ImagePolicy) -> None:
     except (binascii.Error, ValueError):
         raise APIError(400, "The image data URL is not valid base64.", code="invalid_image") from None
     _inspect(data, policy, "The image data URL does not hold a readable image.")
+    return data
 
 
 @functools.lru_cache(maxsize=8)
@@ -213,6 +219,12 @@ def _pil_formats(content_types: tuple[str, ...]) -> tuple[str, ...]:
 
 def _inspect(data: bytes, policy: ImagePolicy, unreadable: str = "The image URL did not return a readable image.") -> str:
     """The image's MIME type from its real format, after the pixel cap (header only, no full decode)."""
+    return describe_image(data, policy, unreadable)[0]
+
+
+def describe_image(data: bytes, policy: ImagePolicy, unreadable: str = "The image is not a readable image."
+                   ) -> tuple[str, int, int]:
+    """(MIME type from the real format, width, height), after the format and pixel checks (header only)."""
     from PIL import Image
 
     try:
@@ -232,7 +244,7 @@ def _inspect(data: bytes, policy: ImagePolicy, unreadable: str = "The image URL 
     if width * height > policy.max_pixels:
         raise APIError(413, f"Image has {width}x{height} pixels, more than {policy.max_pixels}.",
                        code="image_too_large")
-    return mime
+    return mime, width, height
 
 
 async def _send(client: httpx.AsyncClient, target: Target, ips: list[str]) -> httpx.Response:
@@ -302,6 +314,13 @@ async def _download(url: str, policy: ImagePolicy, resolver: Resolver) -> bytes:
 
 async def fetch_image(url: str, policy: ImagePolicy, resolver: Resolver = system_resolver) -> str:
     """Download ``url`` under ``policy`` and return it as a ``data:`` URL (raises :class:`APIError`)."""
+    data = await fetch_bytes(url, policy, resolver)
+    mime = _inspect(data, policy)
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
+
+
+async def fetch_bytes(url: str, policy: ImagePolicy, resolver: Resolver = system_resolver) -> bytes:
+    """Download ``url`` under ``policy`` (the image checks are the caller's)."""
     try:
         async with asyncio.timeout(policy.timeout_s):
             data = await _download(url, policy, resolver)
@@ -310,8 +329,7 @@ async def fetch_image(url: str, policy: ImagePolicy, resolver: Resolver = system
                        code="image_fetch_failed") from None
     except httpx.HTTPError as exc:
         raise APIError(400, f"Could not fetch the image: {type(exc).__name__}.", code="image_fetch_failed") from None
-    mime = _inspect(data, policy)
-    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
+    return data
 
 
 async def inline_images(body: dict[str, Any], policy: ImagePolicy, resolver: Resolver, metrics: GatewayMetrics) -> None:

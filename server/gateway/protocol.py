@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Open(BaseModel):
@@ -113,8 +113,10 @@ class ChatCompletionRequest(_Open):
 
 # --- images (OpenAI ``POST /v1/images/generations``; chat's ``image_options``) ---------------------------------------
 
-#: ``quality`` → denoising steps; ``hd`` is diffusers' SDXL default, the official MGM setting.
-STEPS = {"standard": 30, "hd": 50}
+#: ``quality`` → denoising steps. Unset or ``auto``: the worker's default, the official MGM setting (diffusers'
+#: SDXL default of 50 steps); SDXL gains little past 50, so the top values share it.
+STEPS = {"low": 20, "medium": 30, "standard": 30, "high": 50, "hd": 50, "xhigh": 50, "max": 50}
+Quality = Literal["auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"]
 #: ``style`` → classifier-free guidance; ``natural`` is diffusers' SDXL default, the official MGM setting.
 GUIDANCE = {"natural": 5.0, "vivid": 7.5}
 
@@ -124,21 +126,41 @@ class ImageOptions(_Open):
 
     size: str | None = None
     response_format: Literal["url", "b64_json"] | None = None
-    quality: Literal["standard", "hd"] | None = None
+    quality: Quality | None = None
     style: Literal["vivid", "natural"] | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_compression: int | None = Field(default=None, ge=0, le=100)
+    #: SDXL has no alpha channel: ``transparent`` is refused (validator below), ``auto``/``opaque`` are the same.
+    background: Literal["auto", "opaque", "transparent"] | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     negative_prompt: str | None = Field(default=None, max_length=4000)
     num_inference_steps: int | None = Field(default=None, ge=1, le=200)
     guidance_scale: float | None = Field(default=None, ge=0, le=30, allow_inf_nan=False)
 
+    @field_validator("background")
+    @classmethod
+    def _opaque(cls, v: str | None) -> str | None:
+        if v == "transparent":
+            raise ValueError("SDXL draws opaque images (no alpha channel); use 'auto' or 'opaque'")
+        return v
+
+    @property
+    def format(self) -> str:
+        return self.output_format or "png"
+
     def worker_payload(self, prompt: str, n: int, width: int, height: int) -> dict[str, Any]:
         """The SDXL worker's ``/v1/generate`` body; explicit steps/guidance win over quality/style."""
         payload: dict[str, Any] = {
             "prompt": prompt, "n": n, "width": width, "height": height,
-            "num_inference_steps": self.num_inference_steps or STEPS[self.quality or "standard"],
             "guidance_scale": float(self.guidance_scale if self.guidance_scale is not None
                                     else GUIDANCE[self.style or "natural"]),
         }
+        if steps := self.num_inference_steps or STEPS.get(self.quality or "auto"):
+            payload["num_inference_steps"] = steps  # else the worker's official default
+        if self.output_format not in (None, "png"):  # PNG is every worker's default (older ones know nothing else)
+            payload["output_format"] = self.output_format
+        if self.output_compression is not None:
+            payload["output_compression"] = self.output_compression
         if self.seed is not None:
             payload["seed"] = self.seed
         if "negative_prompt" in self.model_fields_set:  # omitted → the worker's official default
@@ -150,8 +172,37 @@ class ImageGenerationRequest(ImageOptions):
     prompt: str = Field(min_length=1, max_length=4000)
     model: str | None = None
     n: int = Field(default=1, ge=1, le=10)
+    #: Accepted for the SDKs' sake and not acted on: the gateway runs no moderation model, and ``user`` is only logged.
+    moderation: Literal["auto", "low"] | None = None
     user: str | None = None
+    stream: bool = False
+    partial_images: int | None = Field(default=None, ge=0, le=3)
     enhance_prompt: bool = True
+
+    @property
+    def kind(self) -> str:
+        """The prefix of the stream's event types."""
+        return "image_generation"
+
+
+class ImageEditRequest(ImageGenerationRequest):
+    """``POST /v1/images/edits``: the images (multipart uploads, or URLs / data URLs in JSON) are read off the request
+    by the route; ``image``/``mask`` here are the JSON forms."""
+
+    image: str | list[str] | None = None
+    mask: str | None = None
+    #: How far SDXL moves away from the first image (img2img/inpaint ``strength``); the worker's default when unset.
+    strength: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+
+    @property
+    def kind(self) -> str:
+        return "image_edit"
+
+    def worker_payload(self, prompt: str, n: int, width: int, height: int) -> dict[str, Any]:
+        payload = super().worker_payload(prompt, n, width, height)
+        if self.strength is not None:
+            payload["strength"] = self.strength
+        return payload
 
 
 # --- response shapes (OpenAPI only) ----------------------------------------------------------------------------------

@@ -33,13 +33,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from server.errors import APIError, normalize_upstream
+from server.gateway import sse
 from server.gateway.backends import Backend, BackendPool
 from server.gateway.cancellation import gather_or_cancel
 from server.gateway.discovery import Resolve
@@ -48,6 +49,10 @@ from server.gateway.metrics import GatewayMetrics
 logger = logging.getLogger("mgm.gateway.sdxl")
 
 _RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+
+def _bad_answer() -> APIError:
+    return APIError(502, "The image worker sent an invalid response.", type_="server_error", code="image_worker_error")
 
 
 @dataclass(eq=False)
@@ -190,51 +195,90 @@ class SDXLPool(BackendPool[SDXLWorker]):
 
     # --- jobs ------------------------------------------------------------------------------------------------------
 
-    async def run_job(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
-        """One ``/v1/generate`` call (``payload["n"]`` ≤ every worker's ``max_batch``), retried elsewhere on a dead
-        worker. Returns the worker's ``data`` items (``b64_json``, ``seed``)."""
+    @contextlib.asynccontextmanager
+    async def _job(self, payload: dict[str, Any], *, stream: bool) -> AsyncIterator[httpx.Response]:
+        """A worker's 200 answer to one ``/v1/generate`` call, its slot held while the block runs; a dead worker's
+        job moves to another (each worker at most once). Without ``stream`` the body is read here, so a worker that
+        dies mid-job is retried elsewhere; a stream's body is the caller's to read."""
         tried: set[SDXLWorker] = set()
         last_error: APIError | None = None
+        request_timeout = httpx.Timeout(self.job_timeout_s, connect=self.probe_timeout_s)
         while True:  # bounded: every worker at most once
             worker = await self._acquire(tried, last_error)
             tried.add(worker)
             start = time.perf_counter()
             try:
-                r = await self.client.post(worker.url + "/v1/generate", json=payload, timeout=httpx.Timeout(
-                    self.job_timeout_s, connect=self.probe_timeout_s))
-            except _RETRYABLE as exc:
-                await self.mark_down(worker, type(exc).__name__)
-                self.metrics.sdxl_retries.inc()
-                last_error = self._unavailable()
-                continue
-            except httpx.TimeoutException:
-                raise APIError(504, "The image worker did not answer in time.", type_="server_error",
-                               code="image_worker_timeout") from None
+                request = self.client.build_request("POST", worker.url + "/v1/generate", json=payload,
+                                                    timeout=request_timeout)
+                try:
+                    r = await self.client.send(request, stream=True)
+                    if r.status_code != 200 or not stream:
+                        await r.aread()
+                except _RETRYABLE as exc:
+                    await self.mark_down(worker, type(exc).__name__)
+                    self.metrics.sdxl_retries.inc()
+                    last_error = self._unavailable()
+                    continue
+                except httpx.TimeoutException:
+                    raise APIError(504, "The image worker did not answer in time.", type_="server_error",
+                                   code="image_worker_timeout") from None
+                try:
+                    if r.status_code == 200:
+                        yield r
+                        self.metrics.sdxl_latency.observe(time.perf_counter() - start)
+                        return
+                    try:
+                        body = r.json()
+                    except ValueError:
+                        body = None
+                    if r.status_code == 503:  # not ready / shutting down: take it out and try another
+                        await self.mark_down(worker, "503")
+                        self.metrics.sdxl_retries.inc()
+                        last_error = self._unavailable()
+                        continue
+                    if r.status_code == 429:  # its own queue is full: try another, else pass the 429 on
+                        self.metrics.sdxl_retries.inc()
+                        err = normalize_upstream(429, body)
+                        err.headers = {"retry-after": r.headers.get("retry-after", str(self.retry_after_s))}
+                        last_error = err
+                        continue
+                    raise normalize_upstream(r.status_code, body)
+                finally:
+                    await r.aclose()
             finally:
                 await self._release(worker)
-            if r.status_code == 200:
-                self.metrics.sdxl_latency.observe(time.perf_counter() - start)
-                try:
-                    return list(r.json()["data"])
-                except (ValueError, KeyError, TypeError):
-                    raise APIError(502, "The image worker sent an invalid response.", type_="server_error",
-                                   code="image_worker_error") from None
+
+    async def run_job(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
+        """One ``/v1/generate`` call (``payload["n"]`` ≤ every worker's ``max_batch``), retried elsewhere on a dead
+        worker. Returns the worker's ``data`` items (``b64_json``, ``seed``)."""
+        async with self._job(payload, stream=False) as r:
             try:
-                body = r.json()
-            except ValueError:
-                body = None
-            if r.status_code == 503:  # not ready / shutting down: take it out and try another
-                await self.mark_down(worker, "503")
-                self.metrics.sdxl_retries.inc()
-                last_error = self._unavailable()
-                continue
-            if r.status_code == 429:  # its own queue is full: try another, else pass the 429 on
-                self.metrics.sdxl_retries.inc()
-                err = normalize_upstream(429, body)
-                err.headers = {"retry-after": r.headers.get("retry-after", str(self.retry_after_s))}
-                last_error = err
-                continue
-            raise normalize_upstream(r.status_code, body)
+                return list(r.json()["data"])
+            except (ValueError, KeyError, TypeError):
+                raise _bad_answer() from None
+
+    async def stream_job(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """One streamed ``/v1/generate`` call: the worker's ``partial_image`` / ``image`` events in order (docs/api.md,
+        the worker's API). A worker error event, a cut stream or a lost connection after the first event → 502."""
+        async with self._job({**payload, "stream": True}, stream=True) as r:
+            try:
+                async for event in sse.events(r.aiter_raw()):
+                    data = sse.data(event)
+                    if data is None:
+                        continue
+                    if data == sse.DONE:
+                        return
+                    item = sse.json_data(event)
+                    if not isinstance(item, dict):
+                        raise _bad_answer()
+                    if item.get("type") == "error":
+                        raise normalize_upstream(502, item)
+                    yield item
+            except httpx.HTTPError:
+                raise APIError(502, "The image worker's connection was lost while drawing.", type_="server_error",
+                               code="image_worker_error") from None
+            raise APIError(502, "The image worker's stream ended before its last image.", type_="server_error",
+                           code="image_worker_error")
 
     def split(self, n: int) -> list[int]:
         """Images per job for a request of ``n`` images (the smallest ``max_batch`` of the up workers)."""
@@ -244,6 +288,17 @@ class SDXLPool(BackendPool[SDXLWorker]):
             sizes.append(n % per_job)
         return sizes
 
+    def _jobs(self, payload: dict[str, Any], sizes: list[int]) -> list[tuple[int, dict[str, Any]]]:
+        """(first image index, job payload) per job; with a seed, job k starts at ``seed + images before it``."""
+        jobs, offset = [], 0
+        for size in sizes:
+            job = {**payload, "n": size}
+            if payload.get("seed") is not None:
+                job["seed"] = payload["seed"] + offset
+            jobs.append((offset, job))
+            offset += size
+        return jobs
+
     async def generate(self, payload: dict[str, Any], *, reserved: bool = False) -> list[dict[str, Any]]:
         """``payload`` as for the worker, any ``n``: split into jobs, run concurrently, images in order. Reserves
         places for its jobs itself unless the caller holds a :meth:`reserve` block (``reserved=True``)."""
@@ -251,15 +306,49 @@ class SDXLPool(BackendPool[SDXLWorker]):
         if not reserved:
             with self.reserve(len(sizes)):
                 return await self.generate(payload, reserved=True)
-        jobs = []
-        offset = 0
-        for size in sizes:
-            job = {**payload, "n": size}
-            if payload.get("seed") is not None:
-                job["seed"] = payload["seed"] + offset
-            offset += size
-            jobs.append(self.run_job(job))
+        jobs = [self.run_job(job) for _offset, job in self._jobs(payload, sizes)]
         if len(jobs) == 1:
             return await jobs[0]
         results = await gather_or_cancel(jobs)
         return [item for items in results for item in items]
+
+    async def generate_stream(self, payload: dict[str, Any], *, reserved: bool = False
+                              ) -> AsyncIterator[dict[str, Any]]:
+        """:meth:`generate`, streamed: every job's events as they come (jobs run concurrently), ``index`` counted
+        over the whole request. Closing the iterator cancels the jobs still running."""
+        sizes = self.split(int(payload.get("n", 1)))
+        if not reserved:
+            with self.reserve(len(sizes)):
+                async for item in self.generate_stream(payload, reserved=True):
+                    yield item
+            return
+        jobs = self._jobs(payload, sizes)
+        if len(jobs) == 1:
+            async for item in self.stream_job(jobs[0][1]):
+                yield item
+            return
+        queue: asyncio.Queue[dict[str, Any] | BaseException | None] = asyncio.Queue()
+
+        async def pump(offset: int, job: dict[str, Any]) -> None:
+            try:
+                async for item in self.stream_job(job):
+                    await queue.put({**item, "index": offset + int(item.get("index", 0))})
+                await queue.put(None)
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+                await queue.put(exc)
+
+        tasks = [asyncio.ensure_future(pump(offset, job)) for offset, job in jobs]
+        try:
+            left = len(tasks)
+            while left:  # bounded: each task puts exactly one None or one exception last
+                got = await queue.get()
+                if got is None:
+                    left -= 1
+                elif isinstance(got, BaseException):
+                    raise got
+                else:
+                    yield got
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -7,9 +7,12 @@ base64 PNG) is never cut by a line-length limit, and each event is handed on as 
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterable, AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 DONE = b"[DONE]"
 DONE_EVENT = b"data: [DONE]\n\n"
@@ -63,3 +66,33 @@ def encode(payload: Any, event: str | None = None) -> bytes:
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     head = f"event: {event}\n".encode() if event else b""
     return head + b"data: " + body + b"\n\n"
+
+
+async def with_keepalive(items: AsyncIterable[T], interval_s: float) -> AsyncIterator[T | None]:
+    """``items`` as they come, with a None whenever ``interval_s`` passes without one (the caller sends
+    :data:`KEEPALIVE` then). Closing this iterator cancels the pending read of ``items``."""
+    it = aiter(items)
+    pending: asyncio.Future[T] = asyncio.ensure_future(anext(it))
+    try:
+        while True:  # ends with items (StopAsyncIteration) or the consumer
+            done, _ = await asyncio.wait({pending}, timeout=interval_s)
+            if not done:
+                yield None
+                continue
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            yield item
+            pending = asyncio.ensure_future(anext(it))
+    finally:
+        if not pending.done():
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
+        if hasattr(it, "aclose"):
+            await it.aclose()
+
+
+async def once(work: Awaitable[T]) -> AsyncIterator[T]:
+    """One awaitable as a one-item async iterator (to wait for it under :func:`with_keepalive`)."""
+    yield await work

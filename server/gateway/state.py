@@ -68,7 +68,7 @@ class Gateway:
             await self.sdxl.probe_all()
         relay = ChatRelay(cfg, self.pool, self.engine_client, self.metrics)
         self.models = ModelCatalog(cfg, self.pool)
-        self.images = ImagesService(cfg, relay, self.pool, self.sdxl, self.store, self.metrics)
+        self.images = ImagesService(cfg, relay, self.pool, self.sdxl, self.store, self.metrics, self.resolver)
         self.chat = ChatService(cfg, relay, self.images, self.models, self.resolver, self.metrics)
         logger.info("gateway started", extra={"fields": {
             "engines": ",".join(cfg.engines), "up": sum(e.up for e in self.pool.engines),

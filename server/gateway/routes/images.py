@@ -1,5 +1,6 @@
-"""``POST /v1/images/generations`` (OpenAI shape, docs/api.md §1.5) and ``GET /v1/files/images/{id}``, where
-``response_format="url"`` images are served (public: the random id is the credential)."""
+"""``POST /v1/images/generations`` and ``POST /v1/images/edits`` (OpenAI shapes, docs/api.md §1.5–1.6) and
+``GET /v1/files/images/{id}``, where ``response_format="url"`` images are served (public: the random id is the
+credential)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import JSONResponse
 
 from server.errors import APIError
 from server.gateway import openapi
 from server.gateway.auth import require_api_key
 from server.gateway.cancellation import with_cancellation
+from server.gateway.image_inputs import read_edit_body
 from server.gateway.image_store import FILES_PATH
-from server.gateway.protocol import ImageGenerationRequest, ImagesResponse
+from server.gateway.protocol import ImageEditRequest, ImageGenerationRequest, ImagesResponse
 from server.gateway.state import Gateway, current
 
 logger = logging.getLogger("mgm.gateway")
@@ -25,10 +26,35 @@ router = APIRouter()
              responses={**openapi.ok(ImagesResponse, "The images"), **openapi.errors(*openapi.API_ERRORS)})
 @with_cancellation
 async def create_images(request: ImageGenerationRequest, raw_request: Request,
-                        gateway: Annotated[Gateway, Depends(current)]) -> JSONResponse:
+                        gateway: Annotated[Gateway, Depends(current)]) -> Response:
+    _log_unknown(request)
+    return await gateway.images.generate(request, str(raw_request.base_url))
+
+
+def _log_unknown(request: ImageGenerationRequest) -> None:
     if unknown := sorted(request.model_extra or {}):
         logger.info("image request has fields this gateway ignores", extra={"fields": {"fields": ",".join(unknown)}})
-    return JSONResponse(await gateway.images.generate(request, str(raw_request.base_url)))
+
+
+_EDIT_SCHEMA = ImageEditRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+_EDIT_FORM = {"type": "object", "required": ["image", "prompt"], "properties": {
+    **{k: v for k, v in _EDIT_SCHEMA["properties"].items() if k not in ("image", "mask")},
+    "image": {"oneOf": [{"type": "string", "format": "binary"},
+                        {"type": "array", "items": {"type": "string", "format": "binary"}}]},
+    "mask": {"type": "string", "format": "binary"}}}
+
+
+@router.post("/v1/images/edits", summary="Image edits drawn through MGM (OpenAI)", dependencies=[require_api_key],
+             responses={**openapi.ok(ImagesResponse, "The images (or, with stream, an SSE stream of image events)"),
+                        **openapi.errors(*openapi.API_ERRORS)},
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "multipart/form-data": {"schema": _EDIT_FORM},
+                 "application/json": {"schema": {k: v for k, v in _EDIT_SCHEMA.items() if k != "$defs"}}}}})
+@with_cancellation
+async def edit_images(raw_request: Request, gateway: Annotated[Gateway, Depends(current)]) -> Response:
+    body = await read_edit_body(raw_request, gateway.config.max_edit_images)
+    _log_unknown(body.request)
+    return await gateway.images.edit(body, str(raw_request.base_url))
 
 
 @router.get(FILES_PATH + "/{image_id}", summary="A generated image (response_format=url)",

@@ -76,7 +76,7 @@ def test_no_caption_no_image_and_bad_options(client, engine):
     assert "images" not in (reply.choices[0].message.model_extra or {})
     for extra, param in ((({**GEN, "modalities": ["text", "audio"]}), "modalities"),
                          ({**GEN, "image_options": {"size": "65x65"}}, "image_options.size"),
-                         ({**GEN, "image_options": {"quality": "max"}}, "image_options.quality")):
+                         ({**GEN, "image_options": {"quality": "ultra"}}, "image_options.quality")):
         with pytest.raises(openai.BadRequestError) as err:
             _ask(client, engine[1], extra=extra)
         assert err.value.body["param"] == param

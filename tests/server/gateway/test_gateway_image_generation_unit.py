@@ -59,8 +59,15 @@ def test_sizes():
 
 
 def test_quality_style_mapping_and_overrides():
-    p = ImageOptions().worker_payload("p", 1, 64, 64)
-    assert (p["num_inference_steps"], p["guidance_scale"]) == (30, 5.0) and "negative_prompt" not in p
+    p = ImageOptions().worker_payload("p", 1, 64, 64)  # nothing asked: the worker's official defaults (50 steps)
+    assert "num_inference_steps" not in p and p["guidance_scale"] == 5.0 and "negative_prompt" not in p
+    assert "num_inference_steps" not in ImageOptions(quality="auto").worker_payload("p", 1, 64, 64)
+    steps = {q: ImageOptions(quality=q).worker_payload("p", 1, 64, 64)["num_inference_steps"]
+             for q in ("low", "medium", "standard", "high", "xhigh", "max")}
+    assert steps == {"low": 20, "medium": 30, "standard": 30, "high": 50, "xhigh": 50, "max": 50}
+    assert "output_format" not in p  # PNG: the default every worker knows
+    p = ImageOptions(output_format="webp", output_compression=70).worker_payload("p", 1, 64, 64)
+    assert (p["output_format"], p["output_compression"]) == ("webp", 70)
     p = ImageOptions(quality="hd", style="vivid").worker_payload("p", 1, 64, 64)
     assert (p["num_inference_steps"], p["guidance_scale"]) == (50, 7.5)
     p = ImageOptions(quality="hd", num_inference_steps=3, guidance_scale=0, negative_prompt=None,
