@@ -31,6 +31,8 @@ class BatchKey:
     height: int
     steps: int
     guidance_scale: float
+    mode: str = "text2img"  # text2img | img2img | inpaint: one pipeline per call
+    strength: float = 1.0  # img2img/inpaint: how far from the input image (it sets the steps actually run)
 
 
 class Batchable(Protocol):

@@ -86,6 +86,8 @@ def _add_sdxl_worker(sub: SubParsers, common: argparse.ArgumentParser) -> None:
              help="seconds before a job is abandoned with 504")
     add_flag(p, "--warmup-steps", env="MGM_SDXL_WARMUP_STEPS", type=int, default=d.warmup_steps,
              help="steps of the start-up warm-up generation, 0 = none")
+    add_flag(p, "--oom-cooldown", env="MGM_SDXL_OOM_COOLDOWN", type=float, default=d.oom_cooldown_s,
+             help="seconds not-ready after an out-of-memory batch (memory freed first)")
     add_flag(p, "--max-side", env="MGM_SDXL_MAX_SIDE", type=int, default=d.max_side,
              help="largest width/height accepted")
     add_flag(p, "--max-steps", env="MGM_SDXL_MAX_STEPS", type=int, default=d.max_steps,
@@ -115,6 +117,7 @@ def run_sdxl_worker(args: argparse.Namespace) -> int:
         variant=args.variant, vae_slicing=args.vae_slicing, threads=args.threads or None, max_batch=args.max_batch,
         max_queue=args.max_queue, batch_wait_s=args.batch_wait_ms / 1000, job_timeout_s=args.job_timeout,
         warmup_steps=args.warmup_steps, max_side=args.max_side, max_steps=args.max_steps,
+        oom_cooldown_s=args.oom_cooldown,
     )
     try:
         config.validate()

@@ -27,6 +27,9 @@ class WorkerConfig:
     min_side: int = 64
     max_side: int = 2048
     max_steps: int = 200
+    #: After an out-of-memory batch: seconds the worker stays not-ready once memory is freed (the gateway's
+    #: probe sees it and sends jobs elsewhere; other processes on the GPU settle).
+    oom_cooldown_s: float = 2.0
 
     def pipeline_options(self) -> PipelineOptions:
         return PipelineOptions(model=self.model, device=self.device, dtype=self.dtype, attention=self.attention,
@@ -38,5 +41,5 @@ class WorkerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.min_side % 8 or self.max_side % 8 or self.min_side > self.max_side:
             raise ValueError("min_side/max_side must be multiples of 8 with min_side <= max_side")
-        if self.batch_wait_s < 0 or self.job_timeout_s <= 0 or self.warmup_steps < 0:
-            raise ValueError("batch_wait_s and warmup_steps must be >= 0, job_timeout_s > 0")
+        if self.batch_wait_s < 0 or self.job_timeout_s <= 0 or self.warmup_steps < 0 or self.oom_cooldown_s < 0:
+            raise ValueError("batch_wait_s, warmup_steps and oom_cooldown_s must be >= 0, job_timeout_s > 0")

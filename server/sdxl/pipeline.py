@@ -12,7 +12,13 @@ module keeps those semantics and adds what serving needs:
   prompts (or none) share one denoising loop; every image gets its own CPU ``torch.Generator`` seeded ``seed + i``,
   so its starting noise does not depend on the batch it lands in or on the device;
 * cancellation: ``callback_on_step_end`` raises :class:`BatchCancelled` once every job of the batch is cancelled
-  (the pipeline's own ``_interrupt`` would still run the VAE decode); rows of cancelled jobs are not decoded.
+  (the pipeline's own ``_interrupt`` would still run the VAE decode); rows of cancelled jobs are not decoded;
+* edits: img2img and inpainting pipelines are built from the loaded components (``from_pipe``: the same UNet, VAE
+  and text encoders, no second copy of the weights); inpainting pastes the kept pixels of the input back over the
+  decoded image (OpenAI's edits keep what the mask does not free; SDXL base's latent blending alone does not);
+* previews: the same step callback turns the latents of the jobs that asked for them into small RGB previews with a
+  linear latent→RGB map fitted at load time against this VAE (:func:`fit_preview_map`) — no decoder run, no extra
+  model — at steps spread evenly before the end.
 """
 
 from __future__ import annotations
@@ -62,11 +68,52 @@ class PipelineOptions:
 
 @dataclass(frozen=True)
 class GenSpec:
-    """One job as the pipeline sees it; ``seeds`` has one entry per image."""
+    """One job as the pipeline sees it; ``seeds`` has one entry per image. ``image`` (PIL RGB, at the batch's size)
+    for img2img and inpainting; ``mask`` (PIL "L", white = repaint) for inpainting; ``previews``: how many previews
+    of each image the job wants."""
 
     prompt: str
     negative_prompt: str | None
     seeds: tuple[int, ...]
+    image: Any = None
+    mask: Any = None
+    previews: int = 0
+
+
+#: ``on_preview(spec index, preview index, one PIL image per seed)``, called on the inference thread.
+PreviewSink = Callable[[int, int, list[Any]], None]
+
+
+def preview_steps(total: int, previews: int) -> dict[int, list[int]]:
+    """Completed step (1-based) → the preview indices due after it: preview j after step ⌈(j+1)·total/(k+1)⌉, so k
+    previews are spread evenly before the end (several land on one step when there are fewer steps than previews)."""
+    due: dict[int, list[int]] = {}
+    for j in range(previews):
+        due.setdefault(max(1, -(-(j + 1) * total // (previews + 1))), []).append(j)
+    return due
+
+
+def fit_preview_map(vae: Any, scaling_factor: float, size: int = 128, samples: int = 6) -> tuple[Any, Any]:
+    """A least-squares linear map from the denoising loop's latents (4 channels, scaled) to RGB in [0, 1], fitted
+    for this VAE: smooth random colour fields are encoded, and each latent pixel is matched with the mean colour of
+    the 8×8 block it covers. Returns (weights 4×3, bias 3), float32 on the CPU."""
+    import torch
+
+    g = torch.Generator("cpu").manual_seed(0)
+    coarse = torch.rand(samples, 3, 4, 4, generator=g)
+    images = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+    images = images.clamp(0, 1)
+    param = next(vae.parameters())
+    with torch.inference_mode():
+        latents = vae.encode((images * 2 - 1).to(param.device, param.dtype)).latent_dist.mean.float().cpu()
+    latents = latents * scaling_factor
+    factor = size // latents.shape[-1]
+    targets = torch.nn.functional.avg_pool2d(images, factor)
+    x = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+    y = targets.permute(0, 2, 3, 1).reshape(-1, 3)
+    x1 = torch.cat([x, torch.ones(len(x), 1)], dim=1)
+    solution = torch.linalg.lstsq(x1, y).solution  # (5, 3)
+    return solution[:-1].contiguous(), solution[-1].contiguous()
 
 
 @dataclass
@@ -156,6 +203,14 @@ class SDXLRunner:
         if self.device == "cuda":
             pipe.unet.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
         self.pipe = pipe
+        # Edit pipelines share every component with `pipe` (from_pipe): same UNet, VAE, encoders, scheduler config.
+        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+        self.pipes = {"text2img": pipe, "img2img": AutoPipelineForImage2Image.from_pipe(pipe),
+                      "inpaint": AutoPipelineForInpainting.from_pipe(pipe)}
+        for p in self.pipes.values():
+            p.set_progress_bar_config(disable=True)
+        self.preview_map = fit_preview_map(pipe.vae, pipe.vae.config.scaling_factor)
         self.default_size = pipe.default_sample_size * pipe.vae_scale_factor
         self.load_s = time.perf_counter() - start
         self.cfg_possible = pipe.unet.config.time_cond_proj_dim is None
@@ -181,14 +236,28 @@ class SDXLRunner:
     def describe(self) -> dict[str, Any]:
         return {"device": self.device, "dtype": str(self.dtype).removeprefix("torch."), "attention": self.attention,
                 "vae_dtype": str(self.pipe.vae.dtype).removeprefix("torch."), "vae_slicing": self.options.vae_slicing,
-                "default_size": self.default_size, "load_s": round(self.load_s, 3)}
+                "default_size": self.default_size, "load_s": round(self.load_s, 3), "modes": list(self.pipes),
+                "preview": "linear-latent-rgb"}
+
+    def preview(self, latents: Any) -> list[Any]:
+        """Cheap RGB previews of loop latents (B, 4, h, w), at latent resolution (PIL)."""
+        import torch
+        from PIL import Image
+
+        weights, bias = self.preview_map
+        with torch.inference_mode():
+            rgb = torch.einsum("bchw,cd->bhwd", latents.detach().float().cpu(), weights) + bias
+            pixels = (rgb.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        return [Image.fromarray(p) for p in pixels]
 
     def generate(self, specs: Sequence[GenSpec], *, width: int, height: int, steps: int, guidance_scale: float,
-                 cancelled: Callable[[int], bool] = lambda i: False) -> BatchResult:
-        """Run the jobs ``specs`` (same size/steps/guidance) as one pipeline call.
+                 cancelled: Callable[[int], bool] = lambda i: False, mode: str = "text2img", strength: float = 1.0,
+                 on_preview: PreviewSink | None = None) -> BatchResult:
+        """Run the jobs ``specs`` (same size/steps/guidance/mode/strength) as one pipeline call.
 
         ``cancelled(i)`` is polled after each denoising step; when it is true for every spec the call stops with
-        :class:`BatchCancelled`, otherwise cancelled specs get ``None`` instead of images.
+        :class:`BatchCancelled`, otherwise cancelled specs get ``None`` instead of images. Specs asking for previews
+        get them through ``on_preview`` (upsampled to the batch's size).
         """
         import torch
 
@@ -204,18 +273,41 @@ class SDXLRunner:
         generators = [torch.Generator("cpu").manual_seed(seed) for spec in specs for seed in spec.seeds]
         t1 = time.perf_counter()
 
-        def on_step_end(_pipe: Any, _step: int, _t: Any, _tensors: dict[str, Any]) -> dict[str, Any]:
+        rows_of = []  # spec index → its rows in the batch
+        offset = 0
+        for spec in specs:
+            rows_of.append(range(offset, offset + len(spec.seeds)))
+            offset += len(spec.seeds)
+
+        def on_step_end(p: Any, step: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             if all(cancelled(i) for i in range(len(specs))):
                 raise BatchCancelled
+            if on_preview is not None:
+                for i, spec in enumerate(specs):
+                    due = preview_steps(p.num_timesteps, spec.previews).get(step + 1) if spec.previews else None
+                    if due and not cancelled(i):
+                        small = self.preview(tensors["latents"][list(rows_of[i])])
+                        images = [im.resize((width, height), resample=2) for im in small]  # 2: bilinear
+                        for j in due:
+                            on_preview(i, j, images)
             return {}
 
-        out = pipe(
+        extra: dict[str, Any] = {}
+        if mode != "text2img":  # each row starts from its job's image (and mask)
+            extra["image"] = [spec.image for spec in specs for _ in spec.seeds]
+            extra["strength"] = strength
+        if mode == "inpaint":
+            extra["mask_image"] = [spec.mask for spec in specs for _ in spec.seeds]
+        if mode != "img2img":  # img2img takes its size from the image
+            extra.update(width=width, height=height)
+        out = self.pipes[mode](
             prompt_embeds=torch.cat(embeds),
             pooled_prompt_embeds=torch.cat(pooled),
             negative_prompt_embeds=torch.cat(neg) if cfg else None,
             negative_pooled_prompt_embeds=torch.cat(neg_pooled) if cfg else None,
-            width=width, height=height, num_inference_steps=steps, guidance_scale=guidance_scale,
+            num_inference_steps=steps, guidance_scale=guidance_scale,
             generator=generators, output_type="latent", callback_on_step_end=on_step_end,
+            callback_on_step_end_tensor_inputs=["latents"], **extra,
         )
         latents = out.images
         t2 = time.perf_counter()
@@ -234,6 +326,10 @@ class SDXLRunner:
             for i in keep:
                 images[i] = decoded[pos:pos + len(specs[i].seeds)]
                 pos += len(specs[i].seeds)
+                if mode == "inpaint":  # the pixels the mask keeps are the input's own
+                    from PIL import Image
+
+                    images[i] = [Image.composite(im, specs[i].image, specs[i].mask) for im in images[i]]
         t3 = time.perf_counter()
         return BatchResult(images=images, encode_s=t1 - t0, denoise_s=t2 - t1, decode_s=t3 - t2)
 

@@ -21,6 +21,7 @@ import concurrent.futures
 import contextlib
 import gc
 import io
+import json
 import logging
 import math
 import secrets
@@ -31,10 +32,10 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
@@ -78,6 +79,15 @@ class GenerateRequest(BaseModel):
     guidance_scale: float = Field(default=DEFAULT_GUIDANCE, ge=0.0, le=30.0, allow_inf_nan=False)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)  # None → random, reported back
     n: int = Field(default=1, ge=1)
+    #: Edits: base64 of the input image (img2img), and of an OpenAI-style mask (PNG; alpha 0 = repaint: inpainting).
+    image: str | None = None
+    mask: str | None = None
+    #: img2img/inpainting strength; None → 0.8 for img2img, 1.0 for inpainting.
+    strength: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_compression: int = Field(default=100, ge=0, le=100)
+    stream: bool = False
+    partial_images: int = Field(default=0, ge=0, le=3)
 
     @field_validator("width", "height")
     @classmethod
@@ -86,6 +96,53 @@ class GenerateRequest(BaseModel):
         if v is not None and (v <= 0 or v % 8):
             raise ValueError("must be a positive multiple of 8")
         return v
+
+    @property
+    def mode(self) -> str:
+        return "inpaint" if self.mask is not None else "img2img" if self.image is not None else "text2img"
+
+
+#: img2img moves this far from the input by default (diffusers' own default, 0.3, barely changes it); inpainting
+#: repaints the masked part completely.
+DEFAULT_STRENGTH = {"text2img": 1.0, "img2img": 0.8, "inpaint": 1.0}
+
+
+def _open_image(data: str, param: str) -> Any:
+    """A base64 image of the request, decoded (PNG/JPEG/WebP only), or a 400 naming ``param``."""
+    from PIL import Image
+
+    try:
+        raw = base64.b64decode(data, validate=True)
+        with Image.open(io.BytesIO(raw), formats=("PNG", "JPEG", "WEBP")) as img:
+            img.load()
+            return img.copy()
+    except Exception:  # noqa: BLE001 - bad base64 or an unreadable image: the client's error
+        raise APIError(400, f"'{param}' is not a base64 PNG, JPEG or WebP image.", param=param,
+                       code="invalid_image") from None
+
+
+def edit_inputs(req: GenerateRequest, width: int, height: int) -> tuple[Any, Any]:
+    """(input image as RGB at width×height, diffusers mask "L" with white = repaint) for an edit request."""
+    from PIL import Image
+
+    if req.mask is not None and req.image is None:
+        raise APIError(400, "'mask' needs an 'image'.", param="mask", code="invalid_value")
+    if req.image is None:
+        return None, None
+    source = _open_image(req.image, "image")
+    image = source.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+    if req.mask is None:
+        return image, None
+    mask = _open_image(req.mask, "mask")
+    if mask.size != source.size:
+        raise APIError(400, f"'mask' is {mask.width}x{mask.height}, the image {source.width}x{source.height}.",
+                       param="mask", code="invalid_value")
+    if "A" not in mask.getbands() and "transparency" not in mask.info:
+        raise APIError(400, "'mask' has no alpha channel (alpha 0 marks what to repaint).", param="mask",
+                       code="invalid_image")
+    alpha = mask.convert("RGBA").getchannel("A")
+    repaint = alpha.point(lambda a: 255 if a == 0 else 0)  # OpenAI: fully transparent = edit here
+    return image, repaint.resize((width, height), Image.Resampling.NEAREST)
 
 
 # --- errors ----------------------------------------------------------------------------------------------------------
@@ -127,6 +184,8 @@ class Metrics:
         self.ready = Gauge("mgm_sdxl_ready", "1 when the pipeline is loaded and warmed up", registry=r)
         self.jobs = Counter("mgm_sdxl_jobs", "Generation requests by final outcome", ["outcome"], registry=r)
         self.images = Counter("mgm_sdxl_images", "Images returned to clients", registry=r)
+        self.mode_jobs = Counter("mgm_sdxl_mode_jobs", "Accepted jobs by mode", ["mode"], registry=r)
+        self.previews = Counter("mgm_sdxl_previews", "Preview images streamed to clients", registry=r)
         self.batch_images = Histogram("mgm_sdxl_batch_images", "Images per pipeline call", buckets=_SIZE_BUCKETS,
                                       registry=r)
         self.batch_jobs = Histogram("mgm_sdxl_batch_jobs", "Jobs per pipeline call", buckets=_SIZE_BUCKETS, registry=r)
@@ -138,6 +197,8 @@ class Metrics:
                                      buckets=_TIME_BUCKETS, registry=r)
         for outcome in OUTCOMES:  # export zeros, so rate() works from the first scrape
             self.jobs.labels(outcome)
+        for mode in DEFAULT_STRENGTH:
+            self.mode_jobs.labels(mode)
 
 
 # --- jobs and the inference thread -----------------------------------------------------------------------------------
@@ -192,6 +253,8 @@ class Job:
     cancel_reason: str = "cancelled"
     outcome: str | None = None
     started: float | None = None
+    #: Streamed jobs: called on the inference thread with (preview index, one PIL image per seed).
+    on_preview: Callable[[int, list[Any]], None] | None = None
 
     @property
     def n(self) -> int:
@@ -208,9 +271,7 @@ class Worker:
         self.queue: JobQueue[Job] = JobQueue(config.max_batch, config.max_queue)
         self.metrics = Metrics()
         self.state = "starting"  # starting → loading → warming → ready ⇄ recovering | failed; stopping at shutdown
-        #: After an out-of-memory batch: seconds the worker stays not-ready once the memory is freed, so the
-        #: gateway's probe sees it and sends jobs elsewhere (and other processes on the GPU settle).
-        self.oom_cooldown_s = 2.0
+        self.oom_cooldown_s = config.oom_cooldown_s
         self.runner: Any = None
         self.info: dict[str, Any] = {}
         self._runner_factory = runner_factory
@@ -354,9 +415,14 @@ class Worker:
         self.metrics.batch_jobs.observe(len(batch))
         self.metrics.batch_images.observe(images)
         try:
+            def on_preview(i: int, k: int, images: list[Any]) -> None:
+                if (sink := batch[i].on_preview) is not None:
+                    sink(k, images)
+
             res = self.runner.generate(
                 [j.spec for j in batch], width=key.width, height=key.height, steps=key.steps,
-                guidance_scale=key.guidance_scale, cancelled=lambda i: batch[i].cancel_event.is_set())
+                guidance_scale=key.guidance_scale, cancelled=lambda i: batch[i].cancel_event.is_set(),
+                mode=key.mode, strength=key.strength, on_preview=on_preview)
         except BatchCancelled:
             for job in batch:
                 self._finish(job, job.cancel_reason, exc=JobCancelled(job.cancel_reason))
@@ -408,9 +474,14 @@ class Worker:
 # --- HTTP ------------------------------------------------------------------------------------------------------------
 
 
-def _png_b64(image: Any) -> str:
+def encode_image(image: Any, fmt: str = "png", compression: int = 100) -> str:
+    """Base64 of ``image`` in ``fmt``. JPEG/WebP: ``compression`` is the encoder's quality (OpenAI's
+    ``output_compression``, 100 = best); PNG is lossless and ignores it, as OpenAI's API does."""
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    if fmt == "png":
+        image.save(buf, format="PNG")
+    else:
+        image.save(buf, format=fmt.upper(), quality=max(1, compression))
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -459,11 +530,24 @@ def create_app(config: WorkerConfig, runner_factory: Callable[[PipelineOptions],
                                   code="not_ready", headers={"retry-after": str(worker.retry_after())})
         width = req.width or worker.default_size
         height = req.height or worker.default_size
+        try:  # decoding MBs of base64 and resizing: off the event loop
+            image, mask = await run_in_threadpool(edit_inputs, req, width, height)
+        except APIError as exc:
+            worker.count("invalid")
+            return exc.response()
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
         spec = GenSpec(prompt=req.prompt, negative_prompt=req.negative_prompt or None,
-                       seeds=tuple(seed + i for i in range(req.n)))
+                       seeds=tuple(seed + i for i in range(req.n)), image=image, mask=mask,
+                       previews=req.partial_images if req.stream else 0)
+        mode = req.mode
+        strength = req.strength if req.strength is not None else DEFAULT_STRENGTH[mode]
         job = Job(id=f"img-{uuid.uuid4().hex[:24]}", spec=spec,
-                  key=BatchKey(width, height, req.num_inference_steps, float(req.guidance_scale)))
+                  key=BatchKey(width, height, req.num_inference_steps, float(req.guidance_scale), mode,
+                               float(strength) if mode != "text2img" else 1.0))
+        previews: asyncio.Queue[tuple[int, list[Any]]] = asyncio.Queue()
+        if req.stream:
+            loop = asyncio.get_running_loop()
+            job.on_preview = lambda k, imgs: loop.call_soon_threadsafe(previews.put_nowait, (k, imgs))
         try:
             worker.submit(job)
         except QueueFull:
@@ -475,12 +559,16 @@ def create_app(config: WorkerConfig, runner_factory: Callable[[PipelineOptions],
             worker.count("unavailable")
             return _error(503, "The SDXL worker is shutting down.", type_="server_error",
                                   code="shutting_down", headers={"retry-after": "1"})
+        worker.metrics.mode_jobs.labels(mode).inc()
         logger.debug("job queued", extra={"fields": {"job": job.id, "n": job.n, "key": job.key}})
 
         waiter = asyncio.wrap_future(job.future)
         # Mark an outcome nobody awaits any more (client gone) as retrieved, so asyncio does not log it.
         waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
         deadline = received + config.job_timeout_s
+        if req.stream:
+            return StreamingResponse(_stream(req, job, waiter, previews, deadline), media_type="text/event-stream",
+                                     headers={"cache-control": "no-cache"})
         try:
             while not waiter.done():  # bounded by the job timeout
                 await asyncio.wait({waiter}, timeout=_POLL_S)
@@ -498,31 +586,14 @@ def create_app(config: WorkerConfig, runner_factory: Callable[[PipelineOptions],
             raise
         try:
             result = waiter.result()
-        except JobCancelled as exc:
-            status, code = (503, "shutting_down") if str(exc) == "shutdown" else (499, "cancelled")
-            return _error(status, f"Generation was cancelled ({exc}).", type_="server_error", code=code)
-        except JobFailed as exc:  # the message never carries the exception text (logged with the job id)
-            if worker.state == "stopping":
-                return _error(503, f"Generation was stopped: the SDXL worker is shutting down (job {job.id}).",
-                              type_="server_error", code="shutting_down", headers={"retry-after": "1"})
-            if isinstance(exc, JobOutOfMemory):
-                return _error(503, f"Generation failed: the SDXL worker ran out of memory (job {job.id}); retry "
-                                   "shortly.", type_="server_error", code="out_of_memory",
-                              headers={"retry-after": str(max(1, math.ceil(worker.oom_cooldown_s)))})
-            return _error(500, f"Generation failed (job {job.id}); the worker log has the details.",
-                          type_="server_error", code="generation_failed")
+        except (JobCancelled, JobFailed) as exc:
+            return _failure(job, exc).response()
 
-        png_start = time.monotonic()
-        data = await run_in_threadpool(lambda: [_png_b64(img) for img in result.images])
+        encode_start = time.monotonic()
+        data = await run_in_threadpool(lambda: [encode_image(img, req.output_format, req.output_compression)
+                                                for img in result.images])
         done = time.monotonic()
-        worker.metrics.images.inc(len(data))
-        worker.metrics.job_latency.observe(done - job.created)
-        timing = {"queue_s": result.queue_s, "encode_s": result.encode_s, "denoise_s": result.denoise_s,
-                  "decode_s": result.decode_s, "png_s": done - png_start, "total_s": done - received}
-        timing = {k: round(v, 4) for k, v in timing.items()}
-        logger.info("job done", extra={"fields": {
-            "job": job.id, "outcome": "ok", "n": job.n, "width": width, "height": height,
-            "steps": req.num_inference_steps, "batch_jobs": result.batch_jobs, **timing}})
+        timing = _finished(req, job, result, received, encode_start, done, len(data))
         return JSONResponse({
             "id": job.id,
             "object": "sdxl.generation",
@@ -532,10 +603,82 @@ def create_app(config: WorkerConfig, runner_factory: Callable[[PipelineOptions],
             "height": height,
             "num_inference_steps": req.num_inference_steps,
             "guidance_scale": float(req.guidance_scale),
-            "output_format": "png",
+            "mode": mode,
+            "output_format": req.output_format,
             "data": [{"index": i, "seed": s, "b64_json": b} for i, (s, b) in enumerate(zip(result.seeds, data))],
             "batch": {"jobs": result.batch_jobs, "images": result.batch_images},
             "timing": timing,
         })
+
+    def _failure(job: Job, exc: Exception) -> APIError:
+        """What a client hears of a job that did not produce images (the exception text is only logged)."""
+        if isinstance(exc, JobCancelled):
+            status, code = (503, "shutting_down") if str(exc) == "shutdown" else (499, "cancelled")
+            return APIError(status, f"Generation was cancelled ({exc}).", type_="server_error", code=code)
+        if worker.state == "stopping":
+            return APIError(503, f"Generation was stopped: the SDXL worker is shutting down (job {job.id}).",
+                            type_="server_error", code="shutting_down", headers={"retry-after": "1"})
+        if isinstance(exc, JobOutOfMemory):
+            return APIError(503, f"Generation failed: the SDXL worker ran out of memory (job {job.id}); retry "
+                                 "shortly.", type_="server_error", code="out_of_memory",
+                            headers={"retry-after": str(max(1, math.ceil(worker.oom_cooldown_s)))})
+        return APIError(500, f"Generation failed (job {job.id}); the worker log has the details.",
+                        type_="server_error", code="generation_failed")
+
+    def _finished(req: GenerateRequest, job: Job, result: JobResult, received: float, encode_start: float,
+                  done: float, images: int) -> dict[str, float]:
+        worker.metrics.images.inc(images)
+        worker.metrics.job_latency.observe(done - job.created)
+        timing = {"queue_s": result.queue_s, "encode_s": result.encode_s, "denoise_s": result.denoise_s,
+                  "decode_s": result.decode_s, "png_s": done - encode_start, "total_s": done - received}
+        timing = {k: round(v, 4) for k, v in timing.items()}
+        logger.info("job done", extra={"fields": {
+            "job": job.id, "outcome": "ok", "n": job.n, "mode": job.key.mode, "width": job.key.width,
+            "height": job.key.height, "steps": req.num_inference_steps, "batch_jobs": result.batch_jobs, **timing}})
+        return timing
+
+    async def _stream(req: GenerateRequest, job: Job, waiter: asyncio.Future[JobResult],
+                      previews: asyncio.Queue[tuple[int, list[Any]]], deadline: float) -> AsyncIterator[bytes]:
+        """The streamed answer (docs/api.md, the worker's API): previews as the batch produces them, then every final
+        image, then ``[DONE]``; a failure is an ``error`` event. Leaving early (client gone) cancels the job."""
+        def event(payload: dict[str, Any]) -> bytes:
+            return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+        received = time.monotonic()
+        try:
+            while not waiter.done():  # bounded by the job timeout
+                getter = asyncio.ensure_future(previews.get())
+                await asyncio.wait({waiter, getter}, timeout=_POLL_S, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    await asyncio.gather(getter, return_exceptions=True)
+                elif not getter.cancelled():
+                    k, imgs = getter.result()
+                    encoded = await run_in_threadpool(lambda: [encode_image(i, req.output_format,
+                                                                            req.output_compression) for i in imgs])
+                    worker.metrics.previews.inc(len(encoded))
+                    for index, b64 in enumerate(encoded):
+                        yield event({"type": "partial_image", "index": index, "partial_image_index": k,
+                                     "b64_json": b64})
+                if time.monotonic() > deadline:
+                    worker.cancel(job, "timeout")
+                    yield event({"type": "error", **APIError(504, "Generation did not finish within "
+                                 f"{config.job_timeout_s:g} s.", type_="server_error", code="timeout").body()})
+                    return
+            try:
+                result = waiter.result()
+            except (JobCancelled, JobFailed) as exc:
+                yield event({"type": "error", **_failure(job, exc).body()})
+                return
+            encode_start = time.monotonic()
+            data = await run_in_threadpool(lambda: [encode_image(img, req.output_format, req.output_compression)
+                                                    for img in result.images])
+            _finished(req, job, result, received, encode_start, time.monotonic(), len(data))
+            for index, (seed, b64) in enumerate(zip(result.seeds, data)):
+                yield event({"type": "image", "index": index, "seed": seed, "b64_json": b64})
+            yield b"data: [DONE]\n\n"
+        finally:
+            if not waiter.done():  # the client left (or the server is stopping) while the job was alive
+                worker.cancel(job, "cancelled")
 
     return app

@@ -141,7 +141,8 @@ class FailingRunner:
     def describe(self) -> dict:
         return {"device": "cpu", "default_size": 64}
 
-    def generate(self, specs, *, width, height, steps, guidance_scale, cancelled=lambda i: False) -> BatchResult:
+    def generate(self, specs, *, width, height, steps, guidance_scale, cancelled=lambda i: False,
+                 **_mode) -> BatchResult:
         if self.failures:
             raise self.failures.pop(0)
         images = [[Image.new("RGB", (width, height)) for _ in spec.seeds] for spec in specs]
@@ -153,10 +154,9 @@ def failing_worker(tmp_path_factory):
     import uvicorn
 
     config = WorkerConfig(model=tmp_path_factory.mktemp("no-model") / "sdxl", max_batch=1, max_queue=1,
-                          job_timeout_s=10.0, warmup_steps=0, batch_wait_s=0.0)
+                          job_timeout_s=10.0, warmup_steps=0, batch_wait_s=0.0, oom_cooldown_s=0.5)
     app = create_app(config, runner_factory=FailingRunner)
     worker = app.state.worker
-    worker.oom_cooldown_s = 0.5
     port = free_port()
     server_config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
                                    timeout_graceful_shutdown=5)
