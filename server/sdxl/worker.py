@@ -101,6 +101,13 @@ class GenerateRequest(BaseModel):
     def mode(self) -> str:
         return "inpaint" if self.mask is not None else "img2img" if self.image is not None else "text2img"
 
+    @property
+    def effective_strength(self) -> float:
+        """What the pipeline runs with (text-to-image: always 1.0, so such jobs batch whatever was sent)."""
+        if self.mode == "text2img" or self.strength is None:
+            return DEFAULT_STRENGTH[self.mode]
+        return float(self.strength)
+
 
 #: img2img moves this far from the input by default (diffusers' own default, 0.3, barely changes it); inpainting
 #: repaints the masked part completely.
@@ -165,6 +172,10 @@ def _check_limits(req: GenerateRequest, config: WorkerConfig) -> JSONResponse | 
     if req.n > config.max_batch:
         return _error(400, f"Invalid value for 'n': at most {config.max_batch} images per request on this "
                               "worker.", param="n", code="invalid_value")
+    strength = req.effective_strength
+    if req.mode != "text2img" and int(req.num_inference_steps * strength) < 1:  # diffusers runs steps × strength
+        return _error(400, f"Invalid value for 'strength': {strength:g} × {req.num_inference_steps} steps leaves no "
+                      "denoising step; raise either.", param="strength", code="invalid_value")
     return None
 
 
@@ -539,11 +550,9 @@ def create_app(config: WorkerConfig, runner_factory: Callable[[PipelineOptions],
         spec = GenSpec(prompt=req.prompt, negative_prompt=req.negative_prompt or None,
                        seeds=tuple(seed + i for i in range(req.n)), image=image, mask=mask,
                        previews=req.partial_images if req.stream else 0)
-        mode = req.mode
-        strength = req.strength if req.strength is not None else DEFAULT_STRENGTH[mode]
         job = Job(id=f"img-{uuid.uuid4().hex[:24]}", spec=spec,
-                  key=BatchKey(width, height, req.num_inference_steps, float(req.guidance_scale), mode,
-                               float(strength) if mode != "text2img" else 1.0))
+                  key=BatchKey(width, height, req.num_inference_steps, float(req.guidance_scale), req.mode,
+                               req.effective_strength))
         previews: asyncio.Queue[tuple[int, list[Any]]] = asyncio.Queue()
         if req.stream:
             loop = asyncio.get_running_loop()
@@ -559,7 +568,7 @@ def create_app(config: WorkerConfig, runner_factory: Callable[[PipelineOptions],
             worker.count("unavailable")
             return _error(503, "The SDXL worker is shutting down.", type_="server_error",
                                   code="shutting_down", headers={"retry-after": "1"})
-        worker.metrics.mode_jobs.labels(mode).inc()
+        worker.metrics.mode_jobs.labels(req.mode).inc()
         logger.debug("job queued", extra={"fields": {"job": job.id, "n": job.n, "key": job.key}})
 
         waiter = asyncio.wrap_future(job.future)
@@ -603,7 +612,7 @@ def create_app(config: WorkerConfig, runner_factory: Callable[[PipelineOptions],
             "height": height,
             "num_inference_steps": req.num_inference_steps,
             "guidance_scale": float(req.guidance_scale),
-            "mode": mode,
+            "mode": req.mode,
             "output_format": req.output_format,
             "data": [{"index": i, "seed": s, "b64_json": b} for i, (s, b) in enumerate(zip(result.seeds, data))],
             "batch": {"jobs": result.batch_jobs, "images": result.batch_images},
