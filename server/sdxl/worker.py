@@ -653,6 +653,13 @@ def create_app(config: WorkerConfig, runner_factory: Callable[[PipelineOptions],
         def event(payload: dict[str, Any]) -> bytes:
             return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
+        async def partial(k: int, imgs: list[Any]) -> AsyncIterator[bytes]:
+            encoded = await run_in_threadpool(lambda: [encode_image(i, req.output_format, req.output_compression)
+                                                       for i in imgs])
+            worker.metrics.previews.inc(len(encoded))
+            for index, b64 in enumerate(encoded):
+                yield event({"type": "partial_image", "index": index, "partial_image_index": k, "b64_json": b64})
+
         received = time.monotonic()
         try:
             while not waiter.done():  # bounded by the job timeout
@@ -662,13 +669,8 @@ def create_app(config: WorkerConfig, runner_factory: Callable[[PipelineOptions],
                     getter.cancel()
                     await asyncio.gather(getter, return_exceptions=True)
                 elif not getter.cancelled():
-                    k, imgs = getter.result()
-                    encoded = await run_in_threadpool(lambda: [encode_image(i, req.output_format,
-                                                                            req.output_compression) for i in imgs])
-                    worker.metrics.previews.inc(len(encoded))
-                    for index, b64 in enumerate(encoded):
-                        yield event({"type": "partial_image", "index": index, "partial_image_index": k,
-                                     "b64_json": b64})
+                    async for chunk in partial(*getter.result()):
+                        yield chunk
                 if time.monotonic() > deadline:
                     worker.cancel(job, "timeout")
                     yield event({"type": "error", **APIError(504, "Generation did not finish within "
@@ -679,6 +681,9 @@ def create_app(config: WorkerConfig, runner_factory: Callable[[PipelineOptions],
             except (JobCancelled, JobFailed) as exc:
                 yield event({"type": "error", **_failure(job, exc).body()})
                 return
+            while not previews.empty():  # previews of the last steps, queued as the job finished
+                async for chunk in partial(*previews.get_nowait()):
+                    yield chunk
             encode_start = time.monotonic()
             data = await run_in_threadpool(lambda: [encode_image(img, req.output_format, req.output_compression)
                                                     for img in result.images])

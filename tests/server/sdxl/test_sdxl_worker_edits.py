@@ -158,3 +158,11 @@ def test_stream_hang_up_cancels_the_job(sdxl_worker):
 
     asyncio.run(wait())
     assert generate(url, **SMALL).status_code == 200
+
+
+def test_stream_with_fewer_steps_than_previews_sends_every_preview(sdxl_worker):
+    """Previews due on the last step are queued as the job finishes: they still come, before the image."""
+    body = {**SMALL, "num_inference_steps": 2, "stream": True, "partial_images": 3}
+    events = _events(httpx.post(sdxl_worker.url + "/v1/generate", json=body, timeout=60))
+    assert [e["type"] for e in events[:-1]] == ["partial_image"] * 3 + ["image"]
+    assert [e["partial_image_index"] for e in events[:3]] == [0, 1, 2]
