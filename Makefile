@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test bench bench-serving venv browser clean
+.PHONY: serve test bench bench-serving venv browser node-sdk redis clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,24 @@ $(CHROMIUM):
 	$$sudo apt-get update -qq && \
 	DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core
 
+# The shared image store's tests run a real Redis: Debian's redis-server (the fixture starts and stops its own).
+REDIS := /usr/bin/redis-server
+redis: $(REDIS)
+
+$(REDIS):
+	@if [ "$$(id -u)" = 0 ]; then sudo=; else sudo=sudo; fi; \
+	echo "installing Debian's redis-server (image store tests)"; \
+	$$sudo apt-get update -qq && \
+	DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends redis-server
+
+# The official OpenAI Node SDK for the SDK tests (tests/node/package.json pins it; package-lock.json records it).
+NODE_SDK := tests/node/node_modules/.package-lock.json
+node-sdk: $(NODE_SDK)
+
+$(NODE_SDK): tests/node/package.json tests/node/package-lock.json
+	@echo "installing the openai npm package (tests/node)"
+	@cd tests/node && npm ci --no-audit --no-fund --silent
+
 # No model hub is reachable here: everything loads from local checkpoints.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -40,9 +58,9 @@ export TRANSFORMERS_OFFLINE := 1
 serve: $(STAMP)
 	$(VENV)/bin/mgm serve
 
-test: $(STAMP) $(CHROMIUM)
+test: $(STAMP) $(CHROMIUM) $(NODE_SDK) $(REDIS)
 	$(VENV)/bin/ruff check --quiet engine kernels server loadtests bench tests deploy
-	MGM_REQUIRE_BROWSER=1 $(PY) -m pytest
+	MGM_REQUIRE_BROWSER=1 MGM_REQUIRE_NODE=1 MGM_REQUIRE_REDIS=1 $(PY) -m pytest
 
 # CPU benchmarks run here (results in bench/results/); the GPU sections are re-rendered from the stored results
 # of `bash bench/gpu_check.sh OUT` (see bench/__init__.py).

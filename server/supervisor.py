@@ -65,6 +65,8 @@ class ServeConfig:
     sdxl_workers: int = 1  # 0 = no image generation
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # handed to the gateway in its environment only
     model_name: str | None = None  # the gateway's chat model alias
+    #: The gateway's image store URL (it may hold a password: handed over in the gateway's environment only).
+    image_store: str | None = field(default=None, repr=False)
     cache_dir: Path = Path(".cache")  # tiny checkpoints, and logs unless logs_dir is given
     logs_dir: Path | None = None
     ready_timeout_s: float = 900.0
@@ -102,6 +104,8 @@ def register(sub: SubParsers, common: argparse.ArgumentParser) -> None:
              "of the process list")
     add_flag(p, "--model-name", env="MGM_MODEL_NAME", default=d.model_name,
              help="extra id clients may use for the chat model")
+    add_flag(p, "--image-store", env="MGM_IMAGE_STORE", default=d.image_store, shown_default="memory://",
+             help="where response_format=url images live: memory://, file:///path or redis://host:port/db")
     add_flag(p, "--cache-dir", env="MGM_CACHE_DIR", type=Path, default=d.cache_dir,
              help="tiny checkpoints and logs live here")
     add_flag(p, "--logs-dir", env="MGM_LOGS_DIR", type=Path, default=d.logs_dir, shown_default="<cache-dir>/logs",
@@ -118,6 +122,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(
         model=args.model, image_model=args.image_model, host=args.host, port=args.port, engines=args.engines,
         sdxl_workers=args.sdxl_workers, api_keys=tuple(args.api_key), model_name=args.model_name,
+        image_store=args.image_store,
         cache_dir=args.cache_dir, logs_dir=args.logs_dir, ready_timeout_s=args.ready_timeout,
         stop_timeout_s=args.stop_timeout, log_level=args.log_level, log_format=args.log_format,
         vllm_args=tuple(vllm_args(args.passthrough)))
@@ -162,6 +167,14 @@ def plan_children(config: ServeConfig, model: Path, image_model: Path | None, ex
         gateway += ["--model-name", config.model_name]
     children.append(Child("gateway", gateway, logs / "gateway.log", ready_url=f"{_base(config)}/ready"))
     return children
+
+
+def gateway_env(config: ServeConfig) -> dict[str, str]:
+    """Settings that go to the gateway in its environment, never on its command line (they may hold secrets)."""
+    env = {"MGM_API_KEYS": ",".join(config.api_keys)} if config.api_keys else {}
+    if config.image_store:
+        env["MGM_IMAGE_STORE"] = config.image_store
+    return env
 
 
 def _base(config: ServeConfig) -> str:
@@ -375,7 +388,8 @@ def _serve(config: ServeConfig, stop: _Stop) -> int:
 
     keys = config.api_keys
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("MGM_API_KEYS", None)
+    for name in ("MGM_API_KEYS", "MGM_IMAGE_STORE"):  # the gateway gets what serve resolved, nothing else
+        env.pop(name, None)
     for attempt in range(1, PORT_ATTEMPTS + 1):
         children = plan_children(config, model, image_model, extra, logs)
         gateway = children[-1]
@@ -385,7 +399,7 @@ def _serve(config: ServeConfig, stop: _Stop) -> int:
             [u for u, c in zip(backends, children) if not c.name.startswith("engine")], keys[0] if keys else None)
         stop.children[:] = children
         for child in children:
-            child_env = env if child.name != "gateway" or not keys else {**env, "MGM_API_KEYS": ",".join(keys)}
+            child_env = env if child.name != "gateway" else {**env, **gateway_env(config)}
             child.start(env=child_env)
             stop.watchdog.watch(child)
             logger.info("started", extra={"fields": {"child": child.name, "pid": child.pid, "log": str(child.log)}})

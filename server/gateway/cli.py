@@ -43,6 +43,11 @@ def register(sub: SubParsers, common: argparse.ArgumentParser) -> None:
              help="image jobs waiting in the gateway for a worker; beyond that 429")
     add_flag(p, "--image-url-ttl", env="MGM_IMAGE_URL_TTL", type=float, default=gw.image_store_ttl_s,
              help="seconds a response_format=url image stays downloadable")
+    add_flag(p, "--image-store", env="MGM_IMAGE_STORE", default=gw.image_store,
+             help="where response_format=url images live: memory:// (this process), file:///path (a shared volume) or "
+             "redis://[:password@]host:port/db (shared; prefer the variable for a password)")
+    add_flag(p, "--image-store-timeout", env="MGM_IMAGE_STORE_TIMEOUT", type=float, default=gw.image_store_timeout_s,
+             metavar="SECONDS", help="longest wait for one image store call before 503")
     add_flag(p, "--allowed-image-domains", env="MGM_ALLOWED_IMAGE_DOMAINS", type=csv_list,
              default=img.allowed_domains, shown_default="any public host",
              help="comma-separated host names (and subdomains) image URLs may point to")
@@ -94,6 +99,7 @@ def run_gateway(args: argparse.Namespace) -> int:
             engines=tuple(args.engine), api_keys=tuple(args.api_key), model_name=args.model_name,
             sdxl_workers=tuple(args.sdxl_worker), image_model_name=args.image_model_name,
             sdxl_max_in_flight=args.sdxl_max_in_flight, sdxl_max_queue=args.sdxl_max_queue,
+            image_store=args.image_store, image_store_timeout_s=args.image_store_timeout,
             image_store_ttl_s=args.image_url_ttl, max_body_bytes=args.max_body_bytes, max_json_items=args.max_json_items,
             chat_max_in_flight=args.chat_max_in_flight, chat_max_queue=args.chat_max_queue,
             chat_queue_timeout_s=args.chat_queue_timeout, drain_timeout_s=args.drain_timeout,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from server.store import check_store_url
+
 
 @dataclass(frozen=True)
 class ImagePolicy:
@@ -43,8 +45,12 @@ class GatewayConfig:
     image_min_side: int = 64
     image_max_side: int = 2048
     image_default_size: str = "1024x1024"
-    #: Generated images kept for ``response_format=url`` (served at /v1/files/images/{id}).
+    #: Generated images kept for ``response_format=url`` (served at /v1/files/images/{id}): the blob store's URL
+    #: (server.store: memory://, file:///path, redis://host:port/db; it may hold a password, so it is never shown),
+    #: how long an image stays, and the timeout of each store call. The limits bound the memory store.
+    image_store: str = field(default="memory://", repr=False)
     image_store_ttl_s: float = 3600.0
+    image_store_timeout_s: float = 2.0
     image_store_max_items: int = 512
     image_store_max_bytes: int = 512 * 1024 * 1024
     #: Prompt enhancement (images API): max new tokens and temperature of the MGM re-caption call.
@@ -96,6 +102,9 @@ class GatewayConfig:
             raise ValueError("drain_timeout_s must be >= 0, max_body_bytes and max_json_items >= 1")
         if self.sdxl_max_in_flight < 1 or self.sdxl_max_queue < 0 or self.image_store_ttl_s <= 0:
             raise ValueError("sdxl_max_in_flight must be >= 1, sdxl_max_queue >= 0, image_store_ttl_s > 0")
+        check_store_url(self.image_store)
+        if self.image_store_timeout_s <= 0:
+            raise ValueError("image_store_timeout_s must be > 0")
         for url in self.sdxl_workers:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"SDXL worker URL must start with http:// or https://, got {url!r}")

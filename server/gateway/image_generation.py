@@ -29,7 +29,7 @@ from server.gateway.config import GatewayConfig
 from server.gateway.engine_pool import EnginePool
 from server.gateway.image_fetch import Resolver
 from server.gateway.image_inputs import EditBody, InputImage, check_mask, edit_policy, load_image
-from server.gateway.image_store import ImageStore, image_entry
+from server.gateway.image_store import MEDIA_TYPES, ImageFiles
 from server.gateway.metrics import GatewayMetrics
 from server.gateway.protocol import ImageGenerationRequest, ImageOptions
 from server.gateway.relay import ChatRelay, engine_unavailable
@@ -105,9 +105,9 @@ class _ReservedStream(StreamingResponse):
 
 class ImagesService:
     def __init__(self, config: GatewayConfig, relay: ChatRelay, engines: EnginePool, sdxl: SDXLPool | None,
-                 store: ImageStore, metrics: GatewayMetrics, resolver: Resolver) -> None:
+                 files: ImageFiles, metrics: GatewayMetrics, resolver: Resolver) -> None:
         self.config, self.relay, self.engines, self.sdxl = config, relay, engines, sdxl
-        self.store, self.metrics, self.resolver = store, metrics, resolver
+        self.files, self.metrics, self.resolver = files, metrics, resolver
 
     def pool(self, param: str | None = None) -> SDXLPool:
         if self.sdxl is None:
@@ -203,6 +203,9 @@ class ImagesService:
 
     async def _respond(self, pool: SDXLPool, req: ImageGenerationRequest, size: tuple[int, int],
                        edit: EditInputs | None, base_url: str, route: str) -> Response:
+        fmt = req.response_format or "url"
+        if fmt == "url" and not req.stream:  # a store that is down is a 503 now, not after the render
+            await self.files.check()
         reservation = contextlib.ExitStack()  # held through the re-caption: a 429 costs no engine time
         reservation.enter_context(pool.reserve(len(pool.split(req.n))))
         if req.stream:
@@ -210,8 +213,8 @@ class ImagesService:
         with reservation:
             prompt = await self._prompt(req, edit)
             items = await pool.generate(self._payload(req, prompt.text, size, edit), reserved=True)
-        fmt = req.response_format or "url"
-        data = [{**image_entry(item, fmt, self.store, base_url), "revised_prompt": prompt.text} for item in items]
+        data = [{**await self.files.entry(item, fmt, req.format, base_url), "revised_prompt": prompt.text}
+                for item in items]
         self.metrics.images_generated.labels(route).inc(len(data))
         return JSONResponse({"created": int(time.time()), "data": data, **self._described(req, size),
                              "usage": prompt.usage, "prompt_enhancement": prompt.how})
@@ -259,13 +262,15 @@ class ImagesService:
         """One image per caption (choice index → caption), as chat ``message.images`` entries."""
         pool = self.pool("modalities")
         fmt = options.response_format or "b64_json"
+        if fmt == "url":
+            await self.files.check()
 
         async def one(caption: str) -> list[dict[str, Any]]:
             items = await pool.generate(options.worker_payload(caption, 1, *size))
             out = []
             for item in items:
-                entry = image_entry(item, fmt, self.store, base_url)
-                url = entry.get("url") or "data:image/png;base64," + entry["b64_json"]
+                entry = await self.files.entry(item, fmt, options.format, base_url)
+                url = entry.get("url") or f"data:{MEDIA_TYPES[options.format]};base64," + entry["b64_json"]
                 out.append({"type": "image_url", "image_url": {"url": url}, "caption": caption})
             return out
 

@@ -247,6 +247,13 @@ CHAT_STREAM_EVENT: dict[str, Any] = {
     "properties": {"data": {"type": "string", "anyOf": [{"const": "[DONE]"}, {"pattern": "^\\{"}]},
                    "event": {"enum": ["message", "error"]}}}
 
+#: One event of an image stream (``stream: true`` on ``/v1/images/*``): OpenAI's named events, JSON data.
+IMAGE_STREAM_EVENT: dict[str, Any] = {
+    "type": "object", "required": ["event", "data"],
+    "properties": {"data": {"type": "string", "pattern": "^\\{"},
+                   "event": {"enum": [f"{kind}.{suffix}" for kind in ("image_generation", "image_edit")
+                                      for suffix in ("partial_image", "completed")] + ["error"]}}}
+
 
 class ImageDatum(_Open):
     url: str | None = None

@@ -16,12 +16,13 @@ from server.gateway.config import GatewayConfig
 from server.gateway.engine_pool import EnginePool
 from server.gateway.image_fetch import Resolver, system_resolver
 from server.gateway.image_generation import ImagesService
-from server.gateway.image_store import ImageStore
+from server.gateway.image_store import ImageFiles
 from server.gateway.metrics import GatewayMetrics
 from server.gateway.models import ModelCatalog
 from server.gateway.relay import ChatRelay
 from server.gateway.sdxl_pool import SDXLPool
 from server.gateway.upstream import EngineClient
+from server.store import open_store
 
 logger = logging.getLogger("mgm.gateway")
 
@@ -37,7 +38,10 @@ class Gateway:
         self.config, self.resolver = config, resolver
         self.metrics = GatewayMetrics()
         self.api_keys = APIKeys(config.api_keys)
-        self.store = ImageStore(config.image_store_ttl_s, config.image_store_max_items, config.image_store_max_bytes)
+        self.files = ImageFiles(open_store(config.image_store, max_items=config.image_store_max_items,
+                                           max_bytes=config.image_store_max_bytes,
+                                           timeout_s=config.image_store_timeout_s),
+                                config.image_store_ttl_s, config.retry_after_s)
         self.admission = Admission(config.chat_max_in_flight, config.chat_max_queue, config.chat_queue_timeout_s,
                                    config.retry_after_s, on_change=self._admission_changed)
         self.client: httpx.AsyncClient | None = None  # probes, SDXL workers
@@ -68,12 +72,12 @@ class Gateway:
             await self.sdxl.probe_all()
         relay = ChatRelay(cfg, self.pool, self.engine_client, self.metrics)
         self.models = ModelCatalog(cfg, self.pool)
-        self.images = ImagesService(cfg, relay, self.pool, self.sdxl, self.store, self.metrics, self.resolver)
+        self.images = ImagesService(cfg, relay, self.pool, self.sdxl, self.files, self.metrics, self.resolver)
         self.chat = ChatService(cfg, relay, self.images, self.models, self.resolver, self.metrics)
         logger.info("gateway started", extra={"fields": {
             "engines": ",".join(cfg.engines), "up": sum(e.up for e in self.pool.engines),
             "models": ",".join(self.pool.models()), "auth": bool(cfg.api_keys),
-            "allow_loopback_images": cfg.images.allow_loopback}})
+            "allow_loopback_images": cfg.images.allow_loopback, "image_store": self.files.store.kind}})
 
     async def stop(self) -> None:
         if hasattr(self, "pool"):
@@ -84,6 +88,7 @@ class Gateway:
             await self.client.aclose()
         if self.engine_client is not None:
             await self.engine_client.aclose()
+        await self.files.close()
 
 
 def current(request: Request) -> Gateway:

@@ -44,7 +44,8 @@ async def ready(request: Request, gateway: Annotated[Gateway, Depends(current)])
     engines: list[dict[str, Any]] = [
         {"url": e.url, "up": e.up, "in_flight": e.in_flight} if show_urls else {"up": e.up, "in_flight": e.in_flight}
         for e in pool.engines]
-    extra: dict[str, Any] = {}
+    store = gateway.files.store
+    extra: dict[str, Any] = {"image_store": {"kind": store.kind, "shared": store.shared}}
     sdxl = gateway.sdxl
     if sdxl is not None:
         workers = sdxl.status()

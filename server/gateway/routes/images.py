@@ -14,8 +14,8 @@ from server.gateway import openapi
 from server.gateway.auth import require_api_key
 from server.gateway.cancellation import with_cancellation
 from server.gateway.image_inputs import read_edit_body
-from server.gateway.image_store import FILES_PATH
-from server.gateway.protocol import ImageEditRequest, ImageGenerationRequest, ImagesResponse
+from server.gateway.image_store import FILES_PATH, MEDIA_TYPES
+from server.gateway.protocol import IMAGE_STREAM_EVENT, ImageEditRequest, ImageGenerationRequest, ImagesResponse
 from server.gateway.state import Gateway, current
 
 logger = logging.getLogger("mgm.gateway")
@@ -23,7 +23,9 @@ router = APIRouter()
 
 
 @router.post("/v1/images/generations", summary="Image generation (OpenAI)", dependencies=[require_api_key],
-             responses={**openapi.ok(ImagesResponse, "The images"), **openapi.errors(*openapi.API_ERRORS)})
+             responses={**openapi.ok(ImagesResponse, "The images (or, with stream, an SSE stream of image events)",
+                                     {"text/event-stream": IMAGE_STREAM_EVENT}),
+                        **openapi.errors(*openapi.API_ERRORS)})
 @with_cancellation
 async def create_images(request: ImageGenerationRequest, raw_request: Request,
                         gateway: Annotated[Gateway, Depends(current)]) -> Response:
@@ -45,7 +47,8 @@ _EDIT_FORM = {"type": "object", "required": ["image", "prompt"], "properties": {
 
 
 @router.post("/v1/images/edits", summary="Image edits drawn through MGM (OpenAI)", dependencies=[require_api_key],
-             responses={**openapi.ok(ImagesResponse, "The images (or, with stream, an SSE stream of image events)"),
+             responses={**openapi.ok(ImagesResponse, "The images (or, with stream, an SSE stream of image events)",
+                                     {"text/event-stream": IMAGE_STREAM_EVENT}),
                         **openapi.errors(*openapi.API_ERRORS)},
              openapi_extra={"requestBody": {"required": True, "content": {
                  "multipart/form-data": {"schema": _EDIT_FORM},
@@ -58,10 +61,11 @@ async def edit_images(raw_request: Request, gateway: Annotated[Gateway, Depends(
 
 
 @router.get(FILES_PATH + "/{image_id}", summary="A generated image (response_format=url)",
-            responses={**openapi.ok(None, "PNG", {"image/png": {"type": "string", "format": "binary"}}),
-                       **openapi.errors(404)})
+            responses={**openapi.ok(None, "The image, in the format it was generated in",
+                                     {t: {"type": "string", "format": "binary"} for t in MEDIA_TYPES.values()}),
+                       **openapi.errors(404, 503)})
 async def image_file(image_id: str, gateway: Annotated[Gateway, Depends(current)]) -> Response:
-    data = gateway.store.get(image_id)
-    if data is None:
+    blob = await gateway.files.get(image_id)
+    if blob is None:
         raise APIError(404, "No such image (unknown or expired).", param="image_id", code="not_found")
-    return Response(data, media_type="image/png", headers={"cache-control": "private, max-age=3600"})
+    return Response(blob.data, media_type=blob.media_type, headers={"cache-control": "private, max-age=3600"})

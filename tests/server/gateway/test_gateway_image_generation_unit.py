@@ -1,5 +1,5 @@
 """Pure pieces of image generation: caption extraction (the official last-complete-span rule), the <GEN> suffix,
-size parsing, quality/style mapping, the bounded image store, and how the pool splits n."""
+size parsing, quality/style mapping, and how the pool splits n."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import pytest
 from engine.names import GEN_SUFFIX
 from server.gateway.any_to_any import add_gen_suffix
 from server.gateway.image_generation import extract_caption, parse_size
-from server.gateway.image_store import ImageStore
 from server.gateway.protocol import ImageOptions
 
 
@@ -76,16 +75,3 @@ def test_quality_style_mapping_and_overrides():
     assert "negative_prompt" in p and p["negative_prompt"] is None  # explicit null = no negative prompt
 
 
-def test_image_store_is_bounded_and_expires(monkeypatch):
-    store = ImageStore(ttl_s=10, max_items=2, max_bytes=100)
-    a, _ = store.put(b"a" * 10)
-    b, _ = store.put(b"b" * 10)
-    c, _ = store.put(b"c" * 10)
-    assert store.get(a) is None and store.get(b) == b"b" * 10 and len(store) == 2  # oldest evicted
-    d, _ = store.put(b"d" * 95)
-    assert store.get(c) is None and store.get(d) is not None  # byte cap
-    import server.gateway.image_store as gen
-
-    now = gen.time.monotonic()
-    monkeypatch.setattr(gen.time, "monotonic", lambda: now + 11)
-    assert store.get(d) is None and len(store) == 0
