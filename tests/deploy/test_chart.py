@@ -167,9 +167,9 @@ def test_selectors_match_their_pods(rendered: dict[str, Rendered], scenario: str
     for svc in r.kind("Service"):  # each Service selects exactly the pods of its own component
         hits = [n for n, labels in pod_labels.items() if _selected(svc["spec"]["selector"], labels)]
         assert hits == [svc["metadata"]["name"]], (svc["metadata"]["name"], hits)
-        port = svc["spec"]["ports"][0]
-        assert port["targetPort"] == "http"
-        assert any(p["name"] == "http" for p in _container(deployments[hits[0]])["ports"])
+        port = svc["spec"]["ports"][0]  # a named container port (http; redis for the image store)
+        assert port["targetPort"] == port["name"] and port["name"] in ("http", "redis")
+        assert any(p["name"] == port["name"] for p in _container(deployments[hits[0]])["ports"])
     for pdb in r.kind("PodDisruptionBudget"):
         hits = [n for n, labels in pod_labels.items() if _selected(pdb["spec"]["selector"]["matchLabels"], labels)]
         assert hits == [pdb["metadata"]["name"]]
@@ -198,6 +198,9 @@ def test_probes_and_drain(rendered: dict[str, Rendered], scenario: str) -> None:
         component = d["metadata"]["labels"]["app.kubernetes.io/component"]
         c = _container(d)
         startup, ready, live = c["startupProbe"], c["readinessProbe"], c["livenessProbe"]
+        if component == "image-store":  # Redis: ready when it answers PING; nothing to drain (no persistence)
+            assert ready["exec"]["command"] == ["redis-cli", "ping"] and live["tcpSocket"]["port"] == "redis"
+            continue
         assert ready["httpGet"]["path"] == expected_ready[component]
         assert live["httpGet"]["path"] == "/health"
         assert all(p["httpGet"]["port"] == "http" for p in (startup, ready, live))
@@ -216,6 +219,7 @@ def test_drain_seconds_drive_each_role() -> None:
     """`<role>.drainSeconds` reaches the process that drains (vLLM's --shutdown-timeout for the engines)."""
     values = {key: {"drainSeconds": 7} for key in ("gateway", "engine", "sdxlWorker")}
     values["sdxlWorker"]["enabled"] = True
+    values["imageStore"] = {"redis": {"enabled": True}}  # images behind several gateways need a shared store
     r = render(values)
     for component, flag in DRAIN_FLAGS.items():
         args = _container(r.get("Deployment", component))["args"]
@@ -338,6 +342,35 @@ def test_engines_and_workers_cannot_reach_out(rendered: dict[str, Rendered]) -> 
     # the download Job is the only pod with internet egress, and only to public addresses on 443
     dl = r.get("NetworkPolicy", "model-download")["spec"]
     assert dl["ingress"] == [] and dl["egress"][1]["ports"] == [{"port": 443, "protocol": "TCP"}]
+
+
+def test_gateways_share_the_image_store(rendered: dict[str, Rendered]) -> None:
+    from server.store import check_store_url
+
+    r = rendered["7b"]  # HPA (2+ gateways) with image generation: the in-chart Redis
+    url = _env(_container(r.get("Deployment", "gateway")))["MGM_IMAGE_STORE"]
+    assert url == f"redis://mgm-minigemini-image-store.{NS}.svc.cluster.local:6379/0" and check_store_url(url)
+    redis = _container(r.get("Deployment", "image-store"))
+    assert redis["args"][:4] == ["--save", "", "--appendonly", "no"] and "volatile-lru" in redis["args"]
+    assert r.get("Service", "image-store")["spec"]["ports"][0]["port"] == 6379
+    egress = r.get("NetworkPolicy", "gateway")["spec"]["egress"]
+    assert any(p.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") == "image-store"
+               for rule in egress for p in rule["to"])
+    store_np = r.get("NetworkPolicy", "image-store")["spec"]
+    assert store_np["egress"] == [] and store_np["ingress"][0]["from"][0]["podSelector"]["matchLabels"][
+        "app.kubernetes.io/component"] == "gateway"
+    tiny = rendered["tiny-cpu"]  # one gateway: memory is enough, no Redis
+    assert _env(_container(tiny.get("Deployment", "gateway")))["MGM_IMAGE_STORE"] == "memory://"
+    assert not [d for d in tiny.kind("Deployment") if d["metadata"]["labels"]["app.kubernetes.io/component"]
+                == "image-store"]
+    secret = render({**SCENARIOS["7b"], "imageStore": {"existingSecret": "store", "redis": {"enabled": False}}})
+    assert _env(_container(secret.get("Deployment", "gateway")))["MGM_IMAGE_STORE"] == {
+        "secretKeyRef": {"name": "store", "key": "url"}}
+    shared = render({**SCENARIOS["7b"], "imageStore": {"url": "file:///images", "existingClaim": "rwx"}})
+    gateway = shared.get("Deployment", "gateway")["spec"]["template"]["spec"]
+    assert {"name": "image-store", "mountPath": "/images"} in _container(shared.get("Deployment", "gateway"))[
+        "volumeMounts"]
+    assert {"name": "image-store", "persistentVolumeClaim": {"claimName": "rwx"}} in gateway["volumes"]
 
 
 # --- what each role is told --------------------------------------------------------------------------------------------
@@ -545,6 +578,8 @@ BAD_VALUES = {
     "GPU utilisation > 1": ("engine: {gpuMemoryUtilization: 1.5}", "/engine/gpuMemoryUtilization"),
     "KEDA scaling to zero": ("engine: {keda: {enabled: true, minReplicas: 0}}", "/engine/keda/minReplicas"),
     "SDXL worker without a queue": ("sdxlWorker: {maxQueue: 0}", "/sdxlWorker/maxQueue"),
+    "image store with an unknown scheme": ("imageStore: {url: \"s3://bucket\"}", "/imageStore/url"),
+    "image store redis with a floating tag": ("imageStore: {redis: {image: \"redis:latest\"}}", "/imageStore/redis/image"),
     "unknown top-level key": ("engines: {replicas: 2}", "engines"),
     "ingress path without a slash": ("ingress: {paths: [{path: v1, pathType: Prefix}]}", "/ingress/paths/0/path"),
     "ingress host path typo": ("ingress: {hosts: [{host: a, paths: [{path: /v1, type: Prefix}]}]}",
@@ -566,6 +601,11 @@ def test_schema_rejects_bad_values(case: str) -> None:
     ({"engine": {"preStopSleepSeconds": 60, "drainSeconds": 120}}, "engine.terminationGracePeriodSeconds (180)"),
     ({"engine": {"keda": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}}, "keda.maxReplicas"),
     ({"engine": {"enabled": False}}, "the gateway needs engines elsewhere"),
+    ({"sdxlWorker": {"enabled": True}}, "several gateway pods (gateway.replicas > 1 or gateway.autoscaling.enabled) "
+                                        "need a shared image store"),
+    ({"sdxlWorker": {"enabled": True}, "gateway": {"autoscaling": {"enabled": False}, "replicas": 3},
+      "imageStore": {"url": "memory://"}}, "need a shared image store"),
+    ({"imageStore": {"url": "file:///images"}}, "set imageStore.existingClaim"),
 ])
 def test_render_refuses_inconsistent_values(values: dict[str, Any], message: str) -> None:
     with pytest.raises(helm.HelmRenderError, match=re.escape(message)):

@@ -156,6 +156,18 @@ lifecycle:
       command: ["sleep", {{ . | quote }}]
 {{- end -}}
 
+{{/* The gateways' image store URL when it is not in a Secret: url, else the in-chart Redis, else memory://. */}}
+{{- define "mgm.imageStoreURL" -}}
+{{- $s := .Values.imageStore -}}
+{{- if $s.url -}}
+{{- $s.url -}}
+{{- else if $s.redis.enabled -}}
+{{- printf "redis://%s:6379/0" (include "mgm.serviceHost" (dict "root" . "component" "image-store")) -}}
+{{- else -}}
+memory://
+{{- end -}}
+{{- end -}}
+
 {{/* Checks JSON Schema cannot express; a failed one stops the render with a message naming the values. */}}
 {{- define "mgm.validate" -}}
 {{- range $key := list "gateway" "engine" "sdxlWorker" }}
@@ -184,6 +196,14 @@ lifecycle:
 {{- end }}
 {{- end }}
 {{- end }}
+{{- end }}
+{{- $store := include "mgm.imageStoreURL" . }}
+{{- $many := or .Values.gateway.autoscaling.enabled (gt (int .Values.gateway.replicas) 1) }}
+{{- if and .Values.sdxlWorker.enabled $many (not .Values.imageStore.existingSecret) (hasPrefix "memory://" $store) }}
+{{- fail "imageStore: several gateway pods (gateway.replicas > 1 or gateway.autoscaling.enabled) need a shared image store, or a response_format=url image minted by one pod is a 404 on the others: set imageStore.redis.enabled=true, imageStore.url (redis:// or file:// with existingClaim) or imageStore.existingSecret" }}
+{{- end }}
+{{- if and (hasPrefix "file://" $store) (not .Values.imageStore.existingClaim) }}
+{{- fail "imageStore.url is file://: set imageStore.existingClaim to a ReadWriteMany claim every gateway pod mounts there" }}
 {{- end }}
 {{- if and (not .Values.engine.enabled) (not (has "--engine" .Values.gateway.extraArgs)) }}
 {{- fail "engine.enabled=false: the gateway needs engines elsewhere (gateway.extraArgs: [--engine, URL])" }}
