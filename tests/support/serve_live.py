@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 #: that the playground's Stop test has an answer long enough to stop (vLLM args, passed after --).
 ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MGM_KV_CACHE_GIB": "1", "MGM_SDXL_THREADS": "1",
        "MGM_SDXL_WARMUP_STEPS": "1"}
-VLLM_ARGS = ["--", "--max-model-len", "4096", "--max-num-seqs", "8", "--limit-mm-per-prompt", '{"image": 1}']
+VLLM_ARGS = ["--", "--max-model-len", "4096", "--max-num-seqs", "8", "--limit-mm-per-prompt", '{"image": 2}']
 #: The shared stack's API key (``MGM_API_KEYS``) and chat model alias (``--model-name``); see conftest.py.
 API_KEY = "sk-serve-test"
 ALIAS = "mgm-tiny"
