@@ -61,6 +61,10 @@ class Case:
     headers: dict[str, str] = field(default_factory=dict)
     auth: str | None = KEY  # Bearer key sent (None: no Authorization header)
     gateway: str = "strict"
+    #: multipart/form-data instead of JSON (what the SDKs send to /v1/images/edits): file parts as
+    #: (field, filename, bytes, content type), and plain fields.
+    files: tuple[tuple[str, str, bytes, str], ...] = ()
+    form: dict[str, str] | None = None
 
 
 # --- images as bytes ---------------------------------------------------------------------------------------------
@@ -126,6 +130,15 @@ def _images(**fields: Any) -> dict[str, Any]:
 
 URL = "messages[0].content[0].image_url.url"
 IMAGES = "/v1/images/generations"
+EDITS = "/v1/images/edits"
+RGBA_MASK = _save("RGBA", "PNG")  # 24x16 with alpha, like PNG
+
+
+def _edit(*files: tuple[str, str, bytes, str], **fields: str) -> dict[str, Any]:
+    """A multipart edit (Case fields): the image PNG unless ``files`` are given, a prompt unless overridden."""
+    form = {"prompt": "make it snowy", "enhance_prompt": "false", **fields}
+    return {"path": EDITS, "files": files or (("image", "a.png", PNG, "image/png"),),
+            "form": {k: v for k, v in form.items() if v is not None}}
 
 
 def _cases() -> list[Case]:
@@ -284,6 +297,39 @@ def _cases() -> list[Case]:
              body={"size": "64x64"}))
     add(Case("images API", "unknown image model", 404, "model_not_found", "model", path=IMAGES,
              body=_images(model="dall-e-3")))
+    # --- image edits (multipart, as the SDKs send them; one JSON body) ------------------------------------------
+    image = ("image", "a.png", PNG, "image/png")
+    for name, extra, fields, status, code, param in [
+        ("mask of another size", [("mask", "m.png", _save("RGBA", "PNG", (32, 32)), "image/png")], {}, 400,
+         "invalid_value", "mask"),
+        ("mask without an alpha channel", [("mask", "m.png", PNG, "image/png")], {}, 400, "invalid_image", "mask"),
+        ("mask as a JPEG", [("mask", "m.jpg", _save("RGB", "JPEG"), "image/jpeg")], {}, 400, "invalid_image", "mask"),
+        ("5 images (cap 4)", [image] * 4, {}, 400, "too_many_images", "image"),
+        ("`strength` 1.5", [], {"strength": "1.5"}, 400, "invalid_value", "strength"),
+        ("`strength` 0", [], {"strength": "0"}, 400, "invalid_value", "strength"),
+        ("`partial_images` 4", [], {"stream": "true", "partial_images": "4"}, 400, "invalid_value", "partial_images"),
+        ("`background` transparent (SDXL has no alpha)", [], {"background": "transparent"}, 400, "invalid_value",
+         "background"),
+        ("`output_format` gif", [], {"output_format": "gif"}, 400, "invalid_value", "output_format"),
+        ("`output_compression` 101", [], {"output_compression": "101"}, 400, "invalid_value", "output_compression"),
+        ("missing `prompt`", [], {"prompt": None}, 400, "missing_required_parameter", "prompt"),
+        ("unknown image model", [], {"model": "dall-e-2"}, 404, "model_not_found", "model")]:
+        add(Case("image edits", name, status, code, param, **_edit(image, *extra, **fields)))
+    add(Case("image edits", "missing `image`", 400, "missing_required_parameter", "image",
+             **_edit(("mask", "m.png", RGBA_MASK, "image/png"))))
+    add(Case("image edits", "non-image upload (text)", 400, "invalid_image", "image",
+             **_edit(("image", "a.png", b"hello, not a picture", "image/png"))))
+    add(Case("image edits", "GIF upload (edits take PNG, JPEG, WebP)", 400, "invalid_image", "image",
+             **_edit(("image", "a.gif", _save("P", "GIF"), "image/gif"))))
+    add(Case("image edits", "oversized image: PNG bomb, 100000x100000 declared", 413, "image_too_large", "image",
+             **_edit(("image", "a.png", png_bomb(), "image/png"))))
+    add(Case("image edits", "second image not readable", 400, "invalid_image", "image[1]",
+             **_edit(image, ("image[]", "b.png", b"garbage", "image/png"))))
+    add(Case("image edits", "image URL to 169.254.169.254 (JSON body)", 400, "image_url_not_allowed", "image",
+             path=EDITS, body={"prompt": "x", "image": "http://169.254.169.254/latest/meta-data/"}))
+    add(Case("image edits", "image over the 1 MiB image cap (URL, JSON body)", 413, "image_too_large", "image",
+             path=EDITS, body={"prompt": "x", "image": "{files}/huge.png"}, gateway="loopback"))
+    add(Case("image edits", "without a key", 401, "missing_api_key", auth=None, **_edit()))
     # --- routes -------------------------------------------------------------------------------------------------
     add(Case("routes", "unknown route", 404, "not_found", method="GET", path="/v1/nothing"))
     add(Case("routes", "GET on a POST route", 405, "method_not_allowed", method="GET"))

@@ -45,6 +45,9 @@ def send(base: str, case: Case, names: dict[str, str]) -> httpx.Response:
     headers = dict(case.headers)
     if case.auth is not None:
         headers["Authorization"] = f"Bearer {case.auth}"
+    if case.files:  # multipart, built by httpx as the SDKs build it
+        return httpx.request(case.method, base + case.path, headers=headers, timeout=60, data=case.form,
+                             files=[(f, (name, data, mime)) for f, name, data, mime in case.files])
     if case.raw is not None:
         content: Any = case.raw
         if case.chunked:
