@@ -121,6 +121,13 @@ Quality = Literal["auto", "low", "medium", "high", "xhigh", "max", "standard", "
 GUIDANCE = {"natural": 5.0, "vivid": 7.5}
 
 
+def _not_a_bool(v: Any) -> Any:
+    """JSON ``true`` is not a number (pydantic's lax mode would take it as 1); multipart strings still convert."""
+    if isinstance(v, bool):
+        raise ValueError("must be a number, not a boolean")
+    return v
+
+
 class ImageOptions(_Open):
     """What an image costs and looks like; shared by the images API and chat's ``image_options``."""
 
@@ -136,6 +143,9 @@ class ImageOptions(_Open):
     negative_prompt: str | None = Field(default=None, max_length=4000)
     num_inference_steps: int | None = Field(default=None, ge=1, le=200)
     guidance_scale: float | None = Field(default=None, ge=0, le=30, allow_inf_nan=False)
+
+    _numbers = field_validator("output_compression", "seed", "num_inference_steps", "guidance_scale",
+                               mode="before")(_not_a_bool)
 
     @field_validator("background")
     @classmethod
@@ -179,6 +189,8 @@ class ImageGenerationRequest(ImageOptions):
     partial_images: int | None = Field(default=None, ge=0, le=3)
     enhance_prompt: bool = True
 
+    _counts = field_validator("n", "partial_images", mode="before")(_not_a_bool)
+
     @property
     def kind(self) -> str:
         """The prefix of the stream's event types."""
@@ -193,6 +205,8 @@ class ImageEditRequest(ImageGenerationRequest):
     mask: str | None = None
     #: How far SDXL moves away from the first image (img2img/inpaint ``strength``); the worker's default when unset.
     strength: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+
+    _strength = field_validator("strength", mode="before")(_not_a_bool)
 
     @property
     def kind(self) -> str:

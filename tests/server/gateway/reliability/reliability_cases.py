@@ -291,7 +291,9 @@ def _cases() -> list[Case]:
                                 ("`response_format` png", {"response_format": "png"}, "response_format"),
                                 ("`quality` ultra", {"quality": "ultra"}, "quality"),
                                 ("`num_inference_steps` = 0", {"num_inference_steps": 0}, "num_inference_steps"),
-                                ("prompt over 4000 characters", {"prompt": "x" * 4001}, "prompt")]:
+                                ("prompt over 4000 characters", {"prompt": "x" * 4001}, "prompt"),
+                                ("`guidance_scale` true (a boolean is not a number)", {"guidance_scale": True},
+                                 "guidance_scale")]:
         add(Case("images API", name, 400, "invalid_value", param, path=IMAGES, body=_images(**fields)))
     add(Case("images API", "missing `prompt`", 400, "missing_required_parameter", "prompt", path=IMAGES,
              body={"size": "64x64"}))

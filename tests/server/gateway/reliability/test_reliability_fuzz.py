@@ -35,7 +35,8 @@ from server.gateway.config import GatewayConfig  # noqa: E402
 
 KEY = "sk-fuzz"
 EXAMPLES = int(os.environ.get("MGM_FUZZ_EXAMPLES", "25"))
-OPERATIONS = {("POST", "/v1/chat/completions"), ("POST", "/v1/images/generations"), ("GET", "/v1/models"),
+OPERATIONS = {("POST", "/v1/chat/completions"), ("POST", "/v1/images/generations"), ("POST", "/v1/images/edits"),
+              ("GET", "/v1/models"),
               ("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics"), ("GET", "/v1/files/images/{image_id}")}
 NEGATIVE = {("POST", "/v1/chat/completions"), ("POST", "/v1/images/generations")}
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
