@@ -1,6 +1,6 @@
 // The official OpenAI Node SDK against a live gateway: image edits (one image, a mask, two images), streamed
 // generations and edits, output formats. Usage: node images.mjs BASE_URL API_KEY MODEL IMAGE.png MASK.png
-// Prints one JSON object describing what came back; tests/server/supervisor/test_node_sdk.py checks it.
+// Prints one JSON object describing what came back; tests/server/supervisor/test_images_sdk.py checks it.
 import fs from "node:fs";
 import OpenAI, { toFile } from "openai";
 

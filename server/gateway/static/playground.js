@@ -45,19 +45,21 @@
       { status: response.status });
   }
 
-  function headers() {
-    const h = { "Content-Type": "application/json" };
+  function headers(json = true) {
+    const h = json ? { "Content-Type": "application/json" } : {}; // FormData sets its own multipart boundary
     const key = $("api-key").value.trim();
     if (key) h.Authorization = "Bearer " + key;
     return h;
   }
 
+  // GET without a body; POST with a JSON body, or with a FormData body as multipart (the edits endpoint).
   async function api(path, body, signal) {
     let response;
+    const form = body instanceof FormData;
     try {
       response = await fetch(path, {
-        method: body === undefined ? "GET" : "POST", headers: headers(), signal,
-        body: body === undefined ? undefined : JSON.stringify(body),
+        method: body === undefined ? "GET" : "POST", headers: headers(!form), signal,
+        body: body === undefined || form ? body : JSON.stringify(body),
       });
     } catch (err) {
       if (err.name === "AbortError") throw err;
@@ -429,6 +431,212 @@
     }
   }
 
+  // --- edit tab ----------------------------------------------------------------------------------------------------
+  // The image is kept as a canvas at the size it is sent (scaled down to MAX_SIDE); the mask is a second canvas of
+  // that size where painted pixels are opaque. It is sent as OpenAI's mask: transparent where painted, opaque elsewhere.
+
+  const EDIT_TYPES = ["image/png", "image/jpeg", "image/webp"];
+  const edit = { image: null, mask: null, painted: false, painting: false, busy: false };
+
+  function canvasOf(width, height) { return el("canvas", { width, height }); }
+
+  function canvasBlob(canvas) {
+    return new Promise((resolve, reject) => canvas.toBlob((b) => (b ? resolve(b) : reject(new APIError("Could not encode the image."))), "image/png"));
+  }
+
+  async function bitmapOf(file, what) {
+    const bitmap = await createImageBitmap(file).catch(() => null);
+    if (!bitmap) throw new APIError(`"${file.name || what}" could not be decoded as an image.`);
+    return bitmap;
+  }
+
+  async function loadEditImage(file) {
+    $("edit-error").hidden = true;
+    if (!EDIT_TYPES.includes(file.type)) {
+      throw new APIError(`"${file.name || "pasted item"}" is not a PNG, JPEG or WebP image (what edits take).`);
+    }
+    const bitmap = await bitmapOf(file, "pasted image");
+    const scale = Math.min(1, MAX_SIDE / Math.max(bitmap.width, bitmap.height));
+    const image = canvasOf(Math.round(bitmap.width * scale), Math.round(bitmap.height * scale));
+    image.getContext("2d").drawImage(bitmap, 0, 0, image.width, image.height);
+    bitmap.close();
+    Object.assign(edit, { image, mask: canvasOf(image.width, image.height), painted: false });
+    drawEdit();
+  }
+
+  function drawEdit() {
+    const view = $("edit-canvas");
+    view.classList.toggle("blank", !edit.image);
+    $("edit-empty").hidden = !!edit.image;
+    $("edit-mask-status").textContent = !edit.image ? "" : edit.painted
+      ? "Mask: only the red part is redrawn." : "No mask: the whole image is redrawn.";
+    if (!edit.image) return;
+    view.width = edit.image.width;
+    view.height = edit.image.height;
+    const ctx = view.getContext("2d");
+    ctx.drawImage(edit.image, 0, 0);
+    ctx.globalAlpha = 0.5;
+    ctx.drawImage(edit.mask, 0, 0);
+    ctx.globalAlpha = 1;
+  }
+
+  function paintAt(event) {
+    const view = $("edit-canvas"), rect = view.getBoundingClientRect();
+    const k = view.width / rect.width; // canvas pixels per CSS pixel
+    const ctx = edit.mask.getContext("2d");
+    ctx.fillStyle = "#e0245e";
+    ctx.beginPath();
+    ctx.arc((event.clientX - rect.left) * k, (event.clientY - rect.top) * k, Number($("edit-brush").value) * k / 2, 0, 2 * Math.PI);
+    ctx.fill();
+    edit.painted = true;
+    drawEdit();
+  }
+
+  // An uploaded OpenAI mask (transparent = redraw), shown as paint: scaled to the image, alpha < 50% counts as painted.
+  async function loadEditMask(file) {
+    $("edit-error").hidden = true;
+    if (!edit.image) throw new APIError("Choose the image first, then its mask.");
+    if (file.type !== "image/png") throw new APIError("A mask is a PNG whose transparent pixels mark what to change.");
+    const bitmap = await bitmapOf(file, "mask");
+    const { width, height } = edit.image;
+    const read = canvasOf(width, height).getContext("2d");
+    read.drawImage(bitmap, 0, 0, width, height);
+    bitmap.close();
+    const pixels = read.getImageData(0, 0, width, height);
+    let painted = 0;
+    for (let i = 0; i < pixels.data.length; i += 4) {
+      const hole = pixels.data[i + 3] < 128;
+      painted += hole;
+      pixels.data.set(hole ? [224, 36, 94, 255] : [0, 0, 0, 0], i);
+    }
+    edit.mask.getContext("2d").putImageData(pixels, 0, 0);
+    edit.painted = painted > 0;
+    drawEdit();
+  }
+
+  function maskBlob() {
+    const { width, height } = edit.image;
+    const out = canvasOf(width, height), ctx = out.getContext("2d");
+    ctx.fillStyle = "#000";
+    ctx.fillRect(0, 0, width, height);
+    ctx.globalCompositeOperation = "destination-out"; // painted pixels become fully transparent
+    ctx.drawImage(edit.mask, 0, 0);
+    return canvasBlob(out);
+  }
+
+  function editFigure(data, caption, preview) {
+    const mime = `image/${data.output_format || "png"}`;
+    const node = el("figure", { className: preview ? "preview" : "" },
+      el("img", { src: `data:${mime};base64,${data.b64_json}`, alt: preview ? caption : `Edited image: ${data.revised_prompt || ""}` }),
+      el("figcaption", {}, ...(preview ? [caption] : [el("b", { textContent: "Revised prompt: " }),
+        el("span", { className: "revised", textContent: data.revised_prompt || "" }), caption ? ` (${caption})` : ""])));
+    return node;
+  }
+
+  async function editImage(event) {
+    event.preventDefault();
+    if (edit.busy) return;
+    const button = $("edit-go"), status = $("edit-status"), errorNode = $("edit-error"), results = $("edit-results");
+    errorNode.hidden = true;
+    let fields;
+    try {
+      if (!edit.image) throw new APIError("Choose, drop or paste the image to edit first.");
+      fields = compact({
+        prompt: $("edit-prompt").value.trim(), num_inference_steps: number("edit-steps", true),
+        strength: number("edit-strength"), seed: number("edit-seed", true), partial_images: number("edit-previews", true),
+      });
+    } catch (err) { showError(errorNode, err); return; }
+    edit.busy = button.disabled = true;
+    results.setAttribute("aria-busy", "true");
+    results.dataset.previews = "0";
+    const started = performance.now();
+    const elapsed = () => ((performance.now() - started) / 1000).toFixed(1);
+    status.textContent = "Mini-Gemini is reading the image…";
+    try {
+      const form = new FormData();
+      form.append("image", await canvasBlob(edit.image), "image.png");
+      if (edit.painted) form.append("mask", await maskBlob(), "mask.png");
+      for (const [k, v] of Object.entries(fields)) form.append(k, String(v));
+      form.append("enhance_prompt", String($("edit-enhance").checked));
+      form.append("stream", "true");
+      form.append("response_format", "b64_json");
+      let previews = 0, finals = 0;
+      for await (const ev of sseEvents(await api("v1/images/edits", form))) {
+        let data;
+        try { data = JSON.parse(ev.data); } catch { continue; }
+        if (ev.event === "error" || data.type === "error") throw fromErrorBody(data, null) || new APIError("The edit failed.");
+        if (data.type === "image_edit.partial_image") {
+          previews += 1;
+          results.dataset.previews = String(previews);
+          results.replaceChildren(editFigure(data, `Preview ${previews} of ${fields.partial_images ?? 0}`, true));
+          status.textContent = `Preview ${previews}, ${elapsed()} s…`;
+        } else if (data.type === "image_edit.completed") {
+          const how = { enhanced: "written by Mini-Gemini", no_caption: "the model wrote no <h> caption: your instruction, unchanged", disabled: "your instruction, unchanged" }[data.prompt_enhancement] || "";
+          if (!finals++) results.replaceChildren();
+          results.append(editFigure(data, how, false));
+        }
+      }
+      if (!finals) throw new APIError("The stream ended without an image.");
+      status.textContent = `Done: ${previews} preview(s), then the image, ${elapsed()} s.`;
+    } catch (err) {
+      showError(errorNode, err);
+      status.textContent = "";
+    } finally {
+      edit.busy = button.disabled = false;
+      results.setAttribute("aria-busy", "false");
+    }
+  }
+
+  function wireEdit() {
+    const fail = (err) => showError($("edit-error"), err);
+    const view = $("edit-canvas"), drop = $("edit-drop");
+    view.addEventListener("pointerdown", (e) => {
+      if (!edit.image) return;
+      edit.painting = true;
+      view.setPointerCapture(e.pointerId);
+      paintAt(e);
+    });
+    view.addEventListener("pointermove", (e) => { if (edit.painting) paintAt(e); });
+    for (const type of ["pointerup", "pointercancel"]) view.addEventListener(type, () => { edit.painting = false; });
+    $("edit-file").addEventListener("change", async (e) => {
+      const [file] = e.target.files;
+      e.target.value = "";
+      if (file) await loadEditImage(file).catch(fail);
+    });
+    $("edit-mask-file").addEventListener("change", async (e) => {
+      const [file] = e.target.files;
+      e.target.value = "";
+      if (file) await loadEditMask(file).catch(fail);
+    });
+    $("edit-clear-mask").addEventListener("click", () => {
+      if (!edit.image) return;
+      Object.assign(edit, { mask: canvasOf(edit.image.width, edit.image.height), painted: false });
+      drawEdit();
+    });
+    drop.addEventListener("dragover", (e) => {
+      if (![...e.dataTransfer.types].includes("Files")) return;
+      e.preventDefault();
+      drop.classList.add("dragging");
+    });
+    drop.addEventListener("dragleave", () => drop.classList.remove("dragging"));
+    drop.addEventListener("drop", (e) => {
+      drop.classList.remove("dragging");
+      const [file] = [...(e.dataTransfer?.files || [])];
+      if (!file) return;
+      e.preventDefault();
+      loadEditImage(file).catch(fail);
+    });
+    document.addEventListener("paste", (e) => {
+      if ($("panel-edit").hidden) return;
+      const file = [...(e.clipboardData?.items || [])].find((it) => it.kind === "file")?.getAsFile();
+      if (!file) return;
+      e.preventDefault();
+      loadEditImage(file).catch(fail);
+    });
+    $("edit-form").addEventListener("submit", editImage);
+    drawEdit();
+  }
+
   // --- tabs (WAI-ARIA tabs pattern: arrow keys, Home/End) ---------------------------------------------------------
 
   function selectTab(tab, focus = true) {
@@ -496,6 +704,7 @@
       tab.addEventListener("keydown", tabKeys);
     }
     $("image-form").addEventListener("submit", generateImages);
+    wireEdit();
     loadModels();
   }
 

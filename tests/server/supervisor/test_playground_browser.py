@@ -9,11 +9,13 @@ body); nothing is injected behind the page's back."""
 
 from __future__ import annotations
 
+import base64
 import gzip
 import io
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import httpx
@@ -321,3 +323,115 @@ def test_api_errors_are_readable(stack, browser):  # type: ignore[no-untyped-def
     assert "Invalid value for 'size'" in text and "(parameter: size)" in text
     visit.shot("errors.png")
     visit.close()
+
+
+def _record_edit_forms(page) -> None:  # type: ignore[no-untyped-def]
+    """Keep the FormData of each edit request the page sends in ``window.__editForms`` (files as base64):
+    Playwright does not expose multipart bodies with files."""
+    page.evaluate("""() => {
+        const send = window.fetch;
+        window.__editForms = [];
+        window.fetch = async (url, options) => {
+            if (String(url).endsWith("v1/images/edits")) {
+                const form = {};
+                for (const [k, v] of options.body.entries()) {
+                    form[k] = v instanceof Blob ? btoa(String.fromCharCode(...new Uint8Array(await v.arrayBuffer()))) : v;
+                }
+                window.__editForms.push(form);
+            }
+            return send(url, options);
+        };
+    }""")
+
+
+def test_edit_tab_paints_a_mask_and_streams_previews(stack, browser, tmp_path):  # type: ignore[no-untyped-def]
+    visit = Visit(browser, stack.base)
+    page = visit.page
+    visit.login()
+    page.click("#tab-edit")
+    source = tmp_path / "source.png"
+    source.write_bytes(_png((30, 60, 200), (96, 64)))
+    page.set_input_files("#edit-file", str(source))
+    page.wait_for_function("() => !document.getElementById('edit-canvas').classList.contains('blank')")
+    assert "whole image" in page.text_content("#edit-mask-status")
+    # paint a stroke down the left side of the picture (real pointer events)
+    box = page.locator("#edit-canvas").bounding_box()
+    page.fill("#edit-brush", "16")
+    page.mouse.move(box["x"] + box["width"] * 0.1, box["y"] + box["height"] * 0.1)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.1, box["y"] + box["height"] * 0.9, steps=8)
+    page.mouse.up()
+    assert "only the red part" in page.text_content("#edit-mask-status")
+    page.evaluate("""() => { window.__previews = 0; new MutationObserver(() => {
+        if (document.querySelector('#edit-results figure.preview')) window.__previews += 1;
+    }).observe(document.getElementById('edit-results'), {childList: true, subtree: true}); }""")
+    page.fill("#edit-prompt", "make it snowy")
+    page.fill("#edit-steps", "4")
+    page.fill("#edit-previews", "2")
+    page.fill("#edit-seed", "5")
+    _record_edit_forms(page)
+    page.click("#edit-go")
+    page.wait_for_function("() => document.getElementById('edit-status').textContent.startsWith('Done')",
+                           timeout=TIMEOUT_MS)
+    assert page.locator("#edit-error").is_hidden()
+    assert page.get_attribute("#edit-results", "data-previews") == "2" and page.evaluate("window.__previews") >= 1
+    img = page.locator("#edit-results figure img")
+    page.wait_for_function("(i) => i.complete && i.naturalWidth === 96 && i.naturalHeight === 64",
+                           arg=img.element_handle())
+    assert page.text_content("#edit-results .revised")  # MGM's caption, or the instruction itself
+    assert not page.locator("#edit-results figure.preview").count()  # the final image replaced the previews
+    (form,) = page.evaluate("window.__editForms")
+    assert {k: form.get(k) for k in ("prompt", "stream", "partial_images", "num_inference_steps", "strength")} == {
+        "prompt": "make it snowy", "stream": "true", "partial_images": "2", "num_inference_steps": "4",
+        "strength": None}
+    with Image.open(io.BytesIO(base64.b64decode(form["image"]))) as sent_image:
+        assert sent_image.size == (96, 64)
+    with Image.open(io.BytesIO(base64.b64decode(form["mask"]))) as mask:
+        assert mask.mode == "RGBA" and mask.size == (96, 64)
+        assert mask.getpixel((9, 32))[3] == 0 and mask.getpixel((80, 32))[3] == 255  # painted → transparent
+    visit.shot("edit-tab.png")
+    # an uploaded mask replaces the painting (its transparent part shows as paint)
+    page.click("#edit-clear-mask")
+    assert "whole image" in page.text_content("#edit-mask-status")
+    hole = Image.new("RGBA", (96, 64), (0, 0, 0, 255))
+    hole.paste((0, 0, 0, 0), (48, 0, 96, 64))
+    mask_file = tmp_path / "mask.png"
+    hole.save(mask_file)
+    page.set_input_files("#edit-mask-file", str(mask_file))
+    page.wait_for_function("() => document.getElementById('edit-mask-status').textContent.includes('red part')")
+    visit.close()
+
+
+def test_stop_button_ends_a_long_answer(stack, browser):  # type: ignore[no-untyped-def]
+    visit = Visit(browser, stack.base)
+    page = visit.page
+    visit.login()
+    visit.wait_model()
+    page.fill("#max-tokens", "3000")  # long enough to be streaming still when Stop is clicked, however fast
+    page.click("summary:has-text('Advanced')")
+    page.fill("#extra", json.dumps({"ignore_eos": True}))  # a vLLM extra: no early end of the answer
+    page.fill("#prompt", "Tell me a long story.")
+    page.press("#prompt", "Enter")
+    # Stop at once, not after the first words: vLLM's CPU server on 2 busy cores sometimes holds a stream back and
+    # sends it in one burst at the end (seen on the engine directly too), which would race the click.
+    page.wait_for_selector("#stop", state="visible")
+    # the streaming log scrolls the page every frame, so pointer "stability" never settles: fire the click itself
+    page.locator("#stop").dispatch_event("click")
+    _answer_done(page, 1)
+    meta = page.text_content(".msg.assistant .meta")
+    assert "finish: stopped" in meta and page.locator(".msg.assistant [role=alert]").count() == 0, meta
+    assert page.is_enabled("#send") and not page.is_visible("#stop")
+    # the engine stops too: the gateway cancels the request once the page drops the stream
+    deadline = time.monotonic() + 30
+    while _running_requests(stack) > 0:
+        assert time.monotonic() < deadline, "the engine is still generating the stopped answer"
+        time.sleep(0.2)
+    visit.close()
+
+
+def _running_requests(stack) -> float:  # type: ignore[no-untyped-def]
+    """vLLM's running + waiting requests as the engine reports them (through its own /metrics)."""
+    ready = httpx.get(stack.base + "/ready", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10).json()
+    text = httpx.get(ready["engines"][0]["url"] + "/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")))
