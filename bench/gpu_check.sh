@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Every GPU measurement in one call (~5 min, at most ~8 min, on an H100/H200), random weights at real sizes:
+# Every GPU measurement in one call (~7 min, at most ~11 min, on an H100/H200), random weights at real sizes:
 #   1. the patch-info-mining kernels: the kernel tests on the GPU, then accuracy, timings and variants
 #      (bench/kernels_gpu.py -> kernels_gpu.json);
 #   2. the vision front end, bf16, normal and HD: images/s and memory, official vs ours (bench/encoder.py ->
 #      encoder_gpu.json);
-#   3. the SDXL UNet denoising step at 1024², bf16 (bench/sdxl_gpu.py -> sdxl_gpu.json).
+#   3. the SDXL UNet denoising step at 1024², bf16 (bench/sdxl_gpu.py -> sdxl_gpu.json);
+#   4. SDXL at 1024² through the worker's runner: text-to-image, img2img and inpainting edits with two streamed
+#      previews (bench/sdxl_edit_gpu.py -> sdxl_edit_gpu.json).
 # Run where python3 has CUDA torch + triton + transformers:  bash bench/gpu_check.sh OUTDIR  (the device tool
 # passes $OUT). Then, back here: python -m bench.report --from OUTDIR  (copies the JSON into bench/results/ and
 # rewrites the GPU sections of BENCHMARKS.md). vLLM is not needed (nor installed) there. Never part of CI.
@@ -40,6 +42,7 @@ step kernel-tests 120 kernels_gpu_tests.log python3 -m pytest tests/kernels -q -
 step kernels 200 kernels_gpu.log python3 -m bench.kernels_gpu --out "$out/kernels_gpu.json"
 step encoder 150 encoder_gpu.log python3 -m bench.encoder --device cuda --dtype bf16 --json "$out/encoder_gpu.json"
 step sdxl 100 sdxl_gpu.log python3 -m bench.sdxl_gpu --json "$out/sdxl_gpu.json"
+step sdxl-edit 240 sdxl_edit_gpu.log python3 -m bench.sdxl_edit_gpu --json "$out/sdxl_edit_gpu.json"
 
 echo "gpu_check: $(( $(date +%s) - start )) s; failed: ${failed[*]:-none}" | tee "$out/gpu_check_summary.txt"
 [ ${#failed[@]} = 0 ]

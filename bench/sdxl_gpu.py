@@ -113,12 +113,18 @@ def measure(config: dict[str, Any], device: str, dtype_name: str, side: int, ima
             "attention": "PyTorch SDPA (diffusers default)", "rows": rows}
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def gpu_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The flags every SDXL GPU check takes: where the JSON goes, device, dtype, image side."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--side", type=int, default=1024)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = gpu_parser(__doc__)
     ap.add_argument("--images", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)

@@ -133,7 +133,7 @@ class Bench:
         port, = free_ports(1)
         with stack.running([official_server.child(TINY, port, self.logs)]) as (child,):
             base = stack.base_url(child)
-            s = self.scenario("image", _model_id(base))
+            s = self.scenario("image", model_id(base))
             self.warm(base, s)
             self.data["baseline"] = {
                 "sweep": [self.closed(base, s, c, "baseline") for c in self.args.concurrency],
@@ -147,7 +147,7 @@ class Bench:
         gateway = stack.gateway(p_gateway, [stack.base_url(engine)], [stack.base_url(worker)], self.logs)
         with stack.running([engine, worker, gateway]):
             e_base, g_base = stack.base_url(engine), stack.base_url(gateway)
-            model = _model_id(e_base)
+            model = model_id(e_base)
             s = self.scenario("image", model)
             self.warm(e_base, s)
             self.warm(g_base, s)
@@ -191,7 +191,7 @@ class Bench:
         p_engine, = free_ports(1)
         # the gateway needs an engine to be ready; the images API without enhance_prompt never calls it
         with stack.running([stack.engine(TINY, p_engine, self.logs, name="pool-engine", extra=self.args.engine_arg)]) as (engine,):
-            model = _model_id(stack.base_url(engine))
+            model = model_id(stack.base_url(engine))
             for n, max_batch in [(1, 4), (2, 4), (4, 4), (1, 1)]:
                 p_gateway, *p_workers = free_ports(1 + n)
                 threads = max(1, cores // n)
@@ -203,10 +203,10 @@ class Bench:
                     base = stack.base_url(gateway)
                     s = self.scenario("images", model)
                     self.warm(base, s)
-                    before = [_batch_stats(stack.base_url(w)) for w in workers]
+                    before = [batch_stats(stack.base_url(w)) for w in workers]
                     level = self.closed(base, s, self.args.sdxl_concurrency, f"sdxl x{n} b{max_batch}",
                                         requests=self.args.sdxl_requests)
-                    after = [_batch_stats(stack.base_url(w)) for w in workers]
+                    after = [batch_stats(stack.base_url(w)) for w in workers]
                     calls = sum(a["calls"] - b["calls"] for a, b in zip(after, before))
                     images = sum(a["images"] - b["images"] for a, b in zip(after, before))
                     busy = sum(a["seconds"] - b["seconds"] for a, b in zip(after, before))
@@ -223,13 +223,13 @@ class Bench:
         port, = free_ports(1)
         with stack.running([official_server.child(SMALL, port, self.logs)]) as (child,):
             base = stack.base_url(child)
-            s = self.scenario("image", _model_id(base))
+            s = self.scenario("image", model_id(base))
             self.warm(base, s)
             out["baseline"] = [self.closed(base, s, c, "baseline", requests=r) for c, r in ((1, 8), (32, 64))]
         port, = free_ports(1)
         with stack.running([stack.engine(SMALL, port, self.logs, name="engine-small", extra=self.args.engine_arg)]) as (child,):
             base = stack.base_url(child)
-            s = self.scenario("image", _model_id(base))
+            s = self.scenario("image", model_id(base))
             self.warm(base, s)
             out["engine"] = [self.closed(base, s, c, "engine", requests=r) for c, r in ((1, 8), (32, 64))]
         self.data["small"] = out
@@ -240,14 +240,14 @@ class Bench:
         gateway = stack.gateway(p_gateway, [stack.base_url(engine)], [], self.logs, name="gateway-hd")
         with stack.running([engine, gateway]):
             e_base, g_base = stack.base_url(engine), stack.base_url(gateway)
-            s = Scenario("hd", _model_id(e_base), max_tokens=self.args.max_tokens, image_size=self.args.hd_image_size)
+            s = Scenario("hd", model_id(e_base), max_tokens=self.args.max_tokens, image_size=self.args.hd_image_size)
             s.prepare(self.args.cap)
             self.warm(g_base, s)
             self.data["hd"] = {"image_size": self.args.hd_image_size, "sweep": [
                 self.closed(g_base, s, c, "gateway") for c in self.args.hd_concurrency]}
 
 
-def _model_id(base: str) -> str:
+def model_id(base: str) -> str:
     return httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
 
 
@@ -264,7 +264,7 @@ def _gateway_counters(base: str, label: str) -> dict[str, float]:
     return found
 
 
-def _batch_stats(worker: str) -> dict[str, float]:
+def batch_stats(worker: str) -> dict[str, float]:
     """Pipeline calls, images and busy seconds so far, from the worker's Prometheus histograms."""
     names = {"mgm_sdxl_batch_images_count": "calls", "mgm_sdxl_batch_images_sum": "images",
              "mgm_sdxl_batch_seconds_sum": "seconds"}
