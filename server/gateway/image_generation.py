@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from engine.names import CAPTION_CLOSE, CAPTION_OPEN, GEN_SUFFIX
 from server.errors import APIError
@@ -34,6 +34,7 @@ from server.gateway.metrics import GatewayMetrics
 from server.gateway.protocol import ImageGenerationRequest, ImageOptions
 from server.gateway.relay import ChatRelay, engine_unavailable
 from server.gateway.sdxl_pool import SDXLPool
+from server.gateway.streaming import EventStream
 
 logger = logging.getLogger("mgm.gateway")
 
@@ -87,20 +88,6 @@ class _Prompt:
     text: str  # what SDXL draws (the revised prompt)
     how: str  # prompt_enhancement: enhanced | no_caption | disabled
     usage: dict[str, Any]
-
-
-class _ReservedStream(StreamingResponse):
-    """An SSE response that gives its pool reservation back when it ends, even if its body never starts."""
-
-    def __init__(self, content: AsyncIterator[bytes], reservation: contextlib.ExitStack) -> None:
-        super().__init__(content, media_type="text/event-stream", headers=sse.HEADERS)
-        self.reservation = reservation
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.reservation.close()
 
 
 class ImagesService:
@@ -209,7 +196,10 @@ class ImagesService:
         reservation = contextlib.ExitStack()  # held through the re-caption: a 429 costs no engine time
         reservation.enter_context(pool.reserve(len(pool.split(req.n))))
         if req.stream:
-            return _ReservedStream(self._stream(pool, req, size, edit, route), reservation)
+            async def give_back() -> None:  # the pool places, however the stream ends
+                reservation.close()
+
+            return EventStream(self._stream(pool, req, size, edit, route), on_close=give_back)
         with reservation:
             prompt = await self._prompt(req, edit)
             items = await pool.generate(self._payload(req, prompt.text, size, edit), reserved=True)

@@ -43,6 +43,7 @@ from server.gateway import sse
 from server.gateway.config import GatewayConfig
 from server.gateway.engine_pool import Engine, EngineLease, EnginePool
 from server.gateway.metrics import GatewayMetrics
+from server.gateway.streaming import EventStream
 from server.gateway.upstream import (
     EngineClient,
     EngineConnectFailed,
@@ -110,20 +111,6 @@ class _Upstream:
             await self.response.aclose()
         finally:
             self.lease.release()
-
-
-class _RelayedStream(StreamingResponse):
-    """A StreamingResponse that closes its upstream even when its body iterator never starts (client gone early)."""
-
-    def __init__(self, content: AsyncIterator[bytes], upstream: _Upstream) -> None:
-        super().__init__(content, media_type="text/event-stream", headers=sse.HEADERS)
-        self.upstream = upstream
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.upstream.close()
 
 
 class ChatRelay:
@@ -255,7 +242,7 @@ class ChatRelay:
                 await upstream.close()
                 raise
             relay = self._relay(upstream, events, first, include_usage, timing, attempt.request_id)
-            return _RelayedStream(wrap(relay) if wrap is not None else relay, upstream)
+            return EventStream(wrap(relay) if wrap is not None else relay, on_close=upstream.close)
 
     def _inspect(self, event: bytes, include_usage: bool, timing: _StreamTiming) -> bytes | None:
         """Look at one event for metrics; None drops it (the usage chunk the client did not ask for)."""

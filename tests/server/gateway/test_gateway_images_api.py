@@ -18,6 +18,9 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from support.live import http_server
+from support.stub_engine import StubEngine
+
 from server.procs import free_port
 from server.gateway.config import GatewayConfig
 
@@ -170,6 +173,91 @@ def test_gateway_queue_bound_and_client_disconnect(engine, sdxl_workers, gateway
         while _metric(base, "mgm_gateway_sdxl_in_flight") > 0:  # bounded by the deadline
             assert time.monotonic() < deadline
             time.sleep(0.05)
+
+
+def _events(lines) -> list[tuple[str, dict]]:  # type: ignore[no-untyped-def]
+    """(event name, data) of each SSE event in ``lines``."""
+    out, name = [], "message"
+    for line in lines:
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            out.append((name, json.loads(line[6:])))
+            name = "message"
+    return out
+
+
+def test_stream_hang_up_cancels_the_sdxl_job(engine, sdxl_workers, gateway_server):
+    """A streamed generation whose client leaves after the first preview: the gateway drops its worker stream, so
+    the worker cancels the job and the pool's slot is free again."""
+    worker = sdxl_workers[0]
+    slow = {"prompt": "slow", "size": "256x256", "num_inference_steps": 200, "enhance_prompt": False,
+            "stream": True, "partial_images": 3}
+    with gateway_server(_config(engine[0], (worker.url,))) as base:
+        cancelled = _metric(worker.url, "mgm_sdxl_jobs_total", outcome="cancelled")
+        with httpx.stream("POST", base + "/v1/images/generations", json=slow, timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}"}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            lines = []
+            for line in r.iter_lines():
+                lines.append(line)
+                if line.startswith("data: "):
+                    break  # the first preview is here: hang up
+        (name, first), = _events(lines)
+        assert name == first["type"] == "image_generation.partial_image" and first["partial_image_index"] == 0
+        assert _img(base64.b64decode(first["b64_json"])).shape == (256, 256, 3)
+        deadline = time.monotonic() + 20
+        while _metric(worker.url, "mgm_sdxl_jobs_total", outcome="cancelled") <= cancelled:  # bounded
+            assert time.monotonic() < deadline, "the worker never saw the cancellation"
+            time.sleep(0.1)
+        while _metric(base, "mgm_gateway_sdxl_in_flight") > 0:  # bounded by the deadline
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+class _SlowCaption(StubEngine):
+    """An engine whose answers never come: records each chat request and when its connection was dropped."""
+
+    started: list[float] = []
+    dropped: list[float] = []
+
+    def do_POST(self) -> None:
+        self.read_body()
+        type(self).started.append(time.monotonic())
+        self.start_stream()  # headers only, then nothing: the gateway's non-streamed re-caption waits
+        for _ in range(300):  # at most 30 s; a dropped connection ends it at the first failed write
+            time.sleep(0.1)
+            try:
+                self.write_chunk(b" ")  # whitespace: still no JSON, but a write that fails once the peer is gone
+                self.wfile.flush()
+            except OSError:
+                type(self).dropped.append(time.monotonic())
+                return
+
+
+def test_stream_hang_up_during_the_recaption_cancels_the_engine_request(sdxl_workers, gateway_server):
+    """A client that leaves while MGM is still writing the caption (keep-alive comments only so far): the gateway
+    drops the engine request too, and no SDXL job is ever sent."""
+    handler = type("SlowCaption", (_SlowCaption,), {"started": [], "dropped": []})
+    worker = sdxl_workers[0]
+    with http_server(handler) as stub:
+        config = _config(stub, (worker.url,), stream_keepalive_s=0.2)
+        with gateway_server(config) as base:
+            jobs = _metric(worker.url, "mgm_sdxl_jobs_total", outcome="ok")
+            body = {"prompt": "a fox", "size": "64x64", "stream": True, "partial_images": 1, **FAST}
+            with httpx.stream("POST", base + "/v1/images/generations", json=body, timeout=30,
+                              headers={"Authorization": f"Bearer {KEY}"}) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    if line.startswith(":"):  # a keep-alive: the caption is still being written
+                        break
+            left = time.monotonic()
+            deadline = left + 10
+            while not handler.dropped:  # bounded by the deadline
+                assert time.monotonic() < deadline, "the engine request outlived the client"
+                time.sleep(0.05)
+            assert len(handler.started) == 1 and handler.dropped[0] - left < 5
+            assert _metric(worker.url, "mgm_sdxl_jobs_total", outcome="ok") == jobs
 
 
 def test_dead_worker_is_retried_on_the_other_then_503(client, gateway, engine, sdxl_workers, gateway_server):
