@@ -26,7 +26,7 @@ class ChatService:
         self.config, self.relay, self.images, self.models = config, relay, images, models
         self.resolver, self.metrics = resolver, metrics
 
-    def _check_model(self, model: str) -> None:
+    def check_model(self, model: str) -> None:
         if self.config.sdxl_workers and model == self.config.image_model_name:
             raise APIError(400, f"'{model}' is an image model; use /v1/images/generations.", param="model",
                            code="invalid_model")
@@ -34,7 +34,7 @@ class ChatService:
         if known and model not in known:
             raise APIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
 
-    def _check_prompt_length(self, req: ChatCompletionRequest) -> None:
+    def check_prompt_length(self, req: ChatCompletionRequest) -> None:
         """A cheap bound before the engine spends time tokenising: text that cannot fit the context at any
         tokenizer's rate is refused here (config.max_prompt_chars_per_token); the engine checks the exact count."""
         context = self.relay.pool.max_model_len()
@@ -51,8 +51,8 @@ class ChatService:
         unknown = req.unknown_fields()
         if unknown:
             logger.info("request has fields outside the OpenAI schema", extra={"fields": {"fields": ",".join(unknown)}})
-        self._check_model(req.model)
-        self._check_prompt_length(req)
+        self.check_model(req.model)
+        self.check_prompt_length(req)
         # 2. The engine's body: only the extras the engine may see (protocol.ENGINE_EXTRAS). vLLM's chat path
         #    tokenises without special tokens, but the official MGM prompt ids start with BOS: ask for it (image
         #    prompts get the official ids either way; the processor rebuilds them).

@@ -48,6 +48,8 @@ def register(sub: SubParsers, common: argparse.ArgumentParser) -> None:
              "redis://[:password@]host:port/db (shared; prefer the variable for a password)")
     add_flag(p, "--image-store-timeout", env="MGM_IMAGE_STORE_TIMEOUT", type=float, default=gw.image_store_timeout_s,
              metavar="SECONDS", help="longest wait for one image store call before 503")
+    add_flag(p, "--response-ttl", env="MGM_RESPONSE_TTL", type=float, default=gw.response_ttl_s, metavar="SECONDS",
+             help="how long a stored response (Responses API, store=true) can be retrieved or continued")
     add_flag(p, "--allowed-image-domains", env="MGM_ALLOWED_IMAGE_DOMAINS", type=csv_list,
              default=img.allowed_domains, shown_default="any public host",
              help="comma-separated host names (and subdomains) image URLs may point to")
@@ -100,6 +102,7 @@ def run_gateway(args: argparse.Namespace) -> int:
             sdxl_workers=tuple(args.sdxl_worker), image_model_name=args.image_model_name,
             sdxl_max_in_flight=args.sdxl_max_in_flight, sdxl_max_queue=args.sdxl_max_queue,
             image_store=args.image_store, image_store_timeout_s=args.image_store_timeout,
+            response_ttl_s=args.response_ttl,
             image_store_ttl_s=args.image_url_ttl, max_body_bytes=args.max_body_bytes, max_json_items=args.max_json_items,
             chat_max_in_flight=args.chat_max_in_flight, chat_max_queue=args.chat_max_queue,
             chat_queue_timeout_s=args.chat_queue_timeout, drain_timeout_s=args.drain_timeout,

@@ -51,6 +51,8 @@ class GatewayConfig:
     image_store: str = field(default="memory://", repr=False)
     image_store_ttl_s: float = 3600.0
     image_store_timeout_s: float = 2.0
+    #: Stored responses (the Responses API's store=true) live in the same store for this long.
+    response_ttl_s: float = 24 * 3600.0
     image_store_max_items: int = 512
     image_store_max_bytes: int = 512 * 1024 * 1024
     #: Prompt enhancement (images API): max new tokens and temperature of the MGM re-caption call.
@@ -103,8 +105,8 @@ class GatewayConfig:
         if self.sdxl_max_in_flight < 1 or self.sdxl_max_queue < 0 or self.image_store_ttl_s <= 0:
             raise ValueError("sdxl_max_in_flight must be >= 1, sdxl_max_queue >= 0, image_store_ttl_s > 0")
         check_store_url(self.image_store)
-        if self.image_store_timeout_s <= 0:
-            raise ValueError("image_store_timeout_s must be > 0")
+        if self.image_store_timeout_s <= 0 or self.response_ttl_s <= 0:
+            raise ValueError("image_store_timeout_s and response_ttl_s must be > 0")
         for url in self.sdxl_workers:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"SDXL worker URL must start with http:// or https://, got {url!r}")

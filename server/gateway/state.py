@@ -20,6 +20,7 @@ from server.gateway.image_store import ImageFiles
 from server.gateway.metrics import GatewayMetrics
 from server.gateway.models import ModelCatalog
 from server.gateway.relay import ChatRelay
+from server.gateway.responses import ResponsesService
 from server.gateway.sdxl_pool import SDXLPool
 from server.gateway.upstream import EngineClient
 from server.store import open_store
@@ -33,6 +34,7 @@ class Gateway:
     models: ModelCatalog
     chat: ChatService
     images: ImagesService
+    responses: ResponsesService
 
     def __init__(self, config: GatewayConfig, resolver: Resolver = system_resolver) -> None:
         self.config, self.resolver = config, resolver
@@ -74,6 +76,7 @@ class Gateway:
         self.models = ModelCatalog(cfg, self.pool)
         self.images = ImagesService(cfg, relay, self.pool, self.sdxl, self.files, self.metrics, self.resolver)
         self.chat = ChatService(cfg, relay, self.images, self.models, self.resolver, self.metrics)
+        self.responses = ResponsesService(self.chat, self.files.store, cfg.response_ttl_s, cfg.retry_after_s)
         logger.info("gateway started", extra={"fields": {
             "engines": ",".join(cfg.engines), "up": sum(e.up for e in self.pool.engines),
             "models": ",".join(self.pool.models()), "auth": bool(cfg.api_keys),

@@ -5,6 +5,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.gateway.routes import chat, health, images, models
+from server.gateway.routes import chat, health, images, models, responses
 
-ROUTERS: tuple[APIRouter, ...] = (health.router, models.router, chat.router, images.router)
+ROUTERS: tuple[APIRouter, ...] = (health.router, models.router, chat.router, images.router, responses.router)

@@ -136,7 +136,8 @@ def test_csv_list_and_defaults():  # type: ignore[no-untyped-def]
 
 def test_gateway_flag_defaults_are_the_config_defaults(monkeypatch):  # type: ignore[no-untyped-def]
     for name in ("MGM_SDXL_MAX_IN_FLIGHT", "MGM_SDXL_GATEWAY_QUEUE", "MGM_CHAT_MAX_QUEUE", "MGM_MAX_IMAGE_BYTES",
-                 "MGM_DRAIN_TIMEOUT", "MGM_ALLOWED_IMAGE_DOMAINS", "MGM_IMAGE_MODEL_NAME", "MGM_API_KEYS"):
+                 "MGM_DRAIN_TIMEOUT", "MGM_ALLOWED_IMAGE_DOMAINS", "MGM_IMAGE_MODEL_NAME", "MGM_API_KEYS",
+                 "MGM_IMAGE_STORE", "MGM_IMAGE_STORE_TIMEOUT", "MGM_RESPONSE_TTL"):
         monkeypatch.delenv(name, raising=False)
     args = build_parser().parse_args(["gateway", "--engine", "http://e:1"])
     gw, img = GatewayConfig(engines=("http://e:1",)), ImagePolicy()
@@ -144,6 +145,8 @@ def test_gateway_flag_defaults_are_the_config_defaults(monkeypatch):  # type: ig
             args.image_url_ttl, args.image_model_name, tuple(args.api_key)) == (
         gw.sdxl_max_in_flight, gw.sdxl_max_queue, gw.chat_max_queue, gw.drain_timeout_s, gw.image_store_ttl_s,
         gw.image_model_name, gw.api_keys)
+    assert (args.image_store, args.image_store_timeout, args.response_ttl) == (
+        gw.image_store, gw.image_store_timeout_s, gw.response_ttl_s)
     assert (args.max_image_bytes, args.max_image_pixels, args.image_fetch_timeout, tuple(args.allowed_image_domains)) \
         == (img.max_bytes, img.max_pixels, img.timeout_s, img.allowed_domains)
     monkeypatch.setenv("MGM_ALLOWED_IMAGE_DOMAINS", "a.com, b.org")
@@ -152,7 +155,8 @@ def test_gateway_flag_defaults_are_the_config_defaults(monkeypatch):  # type: ig
 
 def test_sdxl_worker_flag_defaults_are_the_config_defaults(monkeypatch):  # type: ignore[no-untyped-def]
     for name in ("MGM_SDXL_MAX_BATCH", "MGM_SDXL_MAX_QUEUE", "MGM_SDXL_BATCH_WAIT_MS", "MGM_SDXL_JOB_TIMEOUT",
-                 "MGM_SDXL_WARMUP_STEPS", "MGM_SDXL_MAX_SIDE", "MGM_SDXL_MAX_STEPS", "MGM_SDXL_THREADS"):
+                 "MGM_SDXL_WARMUP_STEPS", "MGM_SDXL_MAX_SIDE", "MGM_SDXL_MAX_STEPS", "MGM_SDXL_THREADS",
+                 "MGM_SDXL_OOM_COOLDOWN"):
         monkeypatch.delenv(name, raising=False)
     args = build_parser().parse_args(["sdxl-worker", "--model", "/m"])
     wc = WorkerConfig(model=Path("/m"))
@@ -160,3 +164,14 @@ def test_sdxl_worker_flag_defaults_are_the_config_defaults(monkeypatch):  # type
             args.max_side, args.max_steps, args.threads, args.vae_slicing) == (
         wc.max_batch, wc.max_queue, wc.batch_wait_s, wc.job_timeout_s, wc.warmup_steps, wc.max_side, wc.max_steps,
         wc.threads, wc.vae_slicing)
+    assert args.oom_cooldown == wc.oom_cooldown_s
+
+
+@pytest.mark.parametrize("url,word", [("s3://bucket/x", "unknown scheme"), ("file://relative", "absolute path")])
+def test_gateway_refuses_a_bad_image_store_naming_it(monkeypatch, capsys, url, word):  # type: ignore[no-untyped-def]
+    from server.cli import main
+
+    monkeypatch.setenv("MGM_IMAGE_STORE", url)
+    assert main(["gateway", "--engine", "http://127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert "image_store" in err and word in err

@@ -131,6 +131,16 @@ def _images(**fields: Any) -> dict[str, Any]:
 URL = "messages[0].content[0].image_url.url"
 IMAGES = "/v1/images/generations"
 EDITS = "/v1/images/edits"
+RESPONSES = "/v1/responses"
+
+
+def _resp(**fields: Any) -> dict[str, Any]:
+    return {"model": "{model}", "input": "Hi", "max_output_tokens": 1, **fields}
+
+
+def _resp_image(url: str) -> dict[str, Any]:
+    return _resp(input=[{"role": "user", "content": [{"type": "input_image", "image_url": url},
+                                                     {"type": "input_text", "text": "Describe it."}]}])
 RGBA_MASK = _save("RGBA", "PNG")  # 24x16 with alpha, like PNG
 
 
@@ -332,6 +342,41 @@ def _cases() -> list[Case]:
     add(Case("image edits", "image over the 1 MiB image cap (URL, JSON body)", 413, "image_too_large", "image",
              path=EDITS, body={"prompt": "x", "image": "{files}/huge.png"}, gateway="loopback"))
     add(Case("image edits", "without a key", 401, "missing_api_key", auth=None, **_edit()))
+    # --- Responses API --------------------------------------------------------------------------------------------
+    for name, body, status, code, param in [
+        ("unknown `previous_response_id`", _resp(previous_response_id="resp_unknown"), 404, "not_found",
+         "previous_response_id"),
+        ("`function` tool (only image_generation runs)", _resp(tools=[{"type": "function", "name": "f"}]), 400,
+         "unsupported_tool", "tools[0].type"),
+        ("`web_search` tool", _resp(tools=[{"type": "web_search"}]), 400, "unsupported_tool", "tools[0].type"),
+        ("image tool with a transparent background", _resp(tools=[{"type": "image_generation",
+                                                                   "background": "transparent"}]), 400,
+         "invalid_value", "tools[0].background"),
+        ("`tool_choice` names a tool not listed", _resp(tool_choice={"type": "image_generation"}), 400,
+         "invalid_value", "tool_choice"),
+        ("`max_output_tokens` = 0", _resp(max_output_tokens=0), 400, "invalid_value", "max_output_tokens"),
+        ("`background: true`", _resp(background=True), 400, "unsupported_parameter", "background"),
+        ("missing `input`", {"model": "{model}"}, 400, "missing_required_parameter", "input"),
+        ("empty `input` list", _resp(input=[]), 400, "invalid_value", "input"),
+        ("input item with an unknown role", _resp(input=[{"role": "wizard", "content": "x"}]), 400,
+         "invalid_value", "input[0].role"),
+        ("input part of an unknown type", _resp(input=[{"role": "user", "content": [{"type": "input_audio"}]}]), 400,
+         "invalid_type", "input[0].content[0]"),
+        ("input_image with a file_id (no Files API)", _resp(input=[{"role": "user", "content": [
+            {"type": "input_image", "file_id": "file-1"}]}]), 400, "invalid_value", "input[0].content[0].image_url"),
+        ("input_image URL to 169.254.169.254", _resp_image("http://169.254.169.254/latest/meta-data/"), 400,
+         "image_url_not_allowed", "input"),
+        ("input_image that is not an image", _resp_image(data_url(b"hello, not a picture")), 400, "invalid_image",
+         "input"),
+        ("9 input images (gateway cap 8)", _resp(input=[{"role": "user", "content": [
+            {"type": "input_image", "image_url": data_url(PNG)}] * 9}]), 400, "too_many_images", "input"),
+        ("unknown model", _resp(model="gpt-nope"), 404, "model_not_found", "model"),
+        ("retrieve an unknown id", None, 404, "not_found", "response_id")]:
+        if body is None:
+            add(Case("Responses API", name, status, code, param, method="GET", path=RESPONSES + "/resp_unknown"))
+        else:
+            add(Case("Responses API", name, status, code, param, path=RESPONSES, body=body))
+    add(Case("Responses API", "without a key", 401, "missing_api_key", path=RESPONSES, body=_resp(), auth=None))
     # --- routes -------------------------------------------------------------------------------------------------
     add(Case("routes", "unknown route", 404, "not_found", method="GET", path="/v1/nothing"))
     add(Case("routes", "GET on a POST route", 405, "method_not_allowed", method="GET"))
