@@ -131,6 +131,8 @@ def engine_command(args: argparse.Namespace, vllm_args: Sequence[str], chat_temp
     env = dict(environ)
     device = _detect_device() if args.device == "auto" else args.device
     argv = [sys.executable, "-m", VLLM_SERVER_MODULE, "--model", str(args.model)]
+    if not _has_flag(vllm_args, "--served-model-name"):  # a clean id (MGM-7B-HD, tiny-mgm), never a path
+        argv += ["--served-model-name", Path(args.model).resolve().name]
     if not _has_flag(vllm_args, "--chat-template"):
         argv += ["--chat-template", str(chat_template)]
     if not _has_flag(vllm_args, "--generation-config"):

@@ -107,6 +107,8 @@ def normalize_upstream(status: int, payload: Any) -> APIError:
             code, param = "context_length_exceeded", "messages"  # what OpenAI answers for a prompt over the context
         elif code is None and status == 400 and param:
             code = "invalid_value"
+        elif code is None and status == 400 and ("template" in message.lower() or "roles must" in message.lower()):
+            code, param = "invalid_messages", "messages"  # the chat template refused the conversation
         kind = str(err.get("type") or "")
         return APIError(status, message, code=code, param=param, type_=kind if kind in OPENAI_TYPES else None)
     return APIError(status, f"engine returned HTTP {status}", code="engine_error")

@@ -3,7 +3,7 @@ docs/mgm.md §7).
 
 The official `` <GEN>`` suffix goes onto the last user turn; the model answers in text; the last complete
 ``<h>…</h>`` span of each choice is drawn by the SDXL pool and returned next to ``content`` as ``message.images``
-(streaming: one extra chunk with ``delta.images`` before ``[DONE]``). The gateway never makes the model write a
+(streaming: one extra chunk with ``delta.images`` before the ``finish_reason`` chunk and the usage chunk). The gateway never makes the model write a
 caption: what the engine returns is what is used.
 
 While the images are drawn a stream sends an SSE comment (:data:`server.gateway.sse.KEEPALIVE`) every
@@ -106,10 +106,12 @@ class Generation:
         return payload
 
     async def wrap_stream(self, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """Passes a chat stream on while collecting each choice's text; before ``[DONE]`` sends one chunk with the
-        images (or an ``error`` event when drawing failed)."""
+        """Passes a chat stream on while collecting each choice's text. The chunks that carry a ``finish_reason`` and
+        the usage chunk are held back: at the end comes one chunk with the images (or an ``error`` event when drawing
+        failed), then those, then ``[DONE]`` — clients stop reading at the finish chunk, or treat usage as last."""
         texts: dict[int, str] = {}
         meta: dict[str, Any] = {}
+        held: list[bytes] = []
         async for event in events:
             if sse.data(event) == sse.DONE:
                 captions = {i: c for i, t in texts.items() if (c := extract_caption(t))}
@@ -138,11 +140,20 @@ class Generation:
                         "choices": [{"index": i, "delta": {"images": images[i]}, "logprobs": None,
                                      "finish_reason": None} for i in sorted(images)],
                         "usage": None})
+                for kept in held:
+                    yield kept
+                held = []
             elif isinstance(chunk := sse.json_data(event), dict):
                 for key in ("id", "created", "model"):
                     meta.setdefault(key, chunk.get(key))
-                for choice in chunk.get("choices") or []:
+                choices = chunk.get("choices") or []
+                for choice in choices:
                     delta = choice.get("delta") or {}
                     index = int(choice.get("index") or 0)
                     texts[index] = texts.get(index, "") + (delta.get("content") or "")
+                if chunk.get("usage") or any(c.get("finish_reason") for c in choices):
+                    held.append(event)
+                    continue
             yield event
+        for kept in held:  # a stream that ended without [DONE]
+            yield kept

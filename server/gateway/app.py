@@ -17,6 +17,7 @@ from server.gateway.middleware import (
     BodyLimitMiddleware,
     ClientTimeoutMiddleware,
     MetricsMiddleware,
+    RequestIdMiddleware,
 )
 from server.gateway.playground import create_router as playground_router
 from server.gateway.routes import ROUTERS
@@ -49,11 +50,13 @@ def create_app(config: GatewayConfig, resolver: Resolver = system_resolver) -> F
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes, max_json_items=config.max_json_items)
     app.add_middleware(AdmissionMiddleware, keys=gateway.api_keys, metrics=gateway.metrics,
                        guarded={path: gateway.admission for path in (
-                           "/v1/chat/completions", "/v1/images/generations", "/v1/images/edits", "/v1/responses")})
+                           "/v1/chat/completions", "/v1/completions", "/v1/images/generations", "/v1/images/edits",
+                           "/v1/responses")})
     app.add_middleware(ClientTimeoutMiddleware, metrics=gateway.metrics, read_timeout_s=config.client_read_timeout_s,
                        write_timeout_s=config.client_write_timeout_s)
     routes = frozenset(path for r in app.routes if "{" not in (path := getattr(r, "path", "")) and path
                        != app.openapi_url)
     app.add_middleware(MetricsMiddleware, metrics=gateway.metrics, routes=routes,
                        prefixes={FILES_PATH + "/": FILES_PATH})
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer has its id, refusals included
     return app

@@ -4,6 +4,7 @@ engine (official BOS, generation mode, remote images inlined), then relayed stre
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import Response
 from fastapi.responses import JSONResponse
@@ -19,6 +20,28 @@ from server.gateway.protocol import ENGINE_EXTRAS, GATEWAY_EXTRAS, ChatCompletio
 from server.gateway.relay import ChatRelay
 
 logger = logging.getLogger("mgm.gateway")
+
+
+def merge_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI accepts any order of turns; MGM's chat template wants user and assistant alternating after one system
+    turn. ``developer`` turns count as ``system``, and consecutive turns of one role become one: their contents in
+    order, texts separated by a blank line (docs/api.md §1.1)."""
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        m = {**message, "role": "system" if message.get("role") == "developer" else message.get("role")}
+        if out and out[-1]["role"] == m["role"] and m["role"] in ("system", "user", "assistant") \
+                and not out[-1].get("tool_calls") and not m.get("tool_calls"):
+            prev = out[-1]
+            a, b = prev.get("content") or "", m.get("content") or ""
+            if isinstance(a, str) and isinstance(b, str):
+                prev["content"] = f"{a}\n\n{b}" if a and b else a or b
+            else:
+                pa = a if isinstance(a, list) else [{"type": "text", "text": a}] if a else []
+                pb = b if isinstance(b, list) else [{"type": "text", "text": b}] if b else []
+                prev["content"] = pa + ([{"type": "text", "text": "\n\n"}] if pa and pb else []) + pb
+        else:
+            out.append(m)
+    return out
 
 class ChatService:
     def __init__(self, config: GatewayConfig, relay: ChatRelay, images: ImagesService, models: ModelCatalog,
@@ -62,6 +85,7 @@ class ChatService:
                 del body[key]
             logger.info("fields not passed to the engine", extra={"fields": {"fields": ",".join(dropped)}})
         body.setdefault("add_special_tokens", True)
+        body["messages"] = merge_turns(body["messages"])
         generation = Generation.prepare(self.images, body, base_url)
         await inline_images(body, self.config.images, self.resolver, self.metrics)
         # 3. Relay: a stream passes through (with the images chunk in generation mode); a completion gets its images.

@@ -38,6 +38,9 @@ from server.gateway.streaming import EventStream
 
 logger = logging.getLogger("mgm.gateway")
 
+#: OpenAI's image model names, served by this gateway's image model (the SDKs' examples and defaults use them).
+OPENAI_IMAGE_MODELS = frozenset({"gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5", "dall-e-2", "dall-e-3"})
+
 
 def parse_size(value: str, min_side: int, max_side: int) -> tuple[int, int]:
     w, sep, h = value.lower().partition("x")
@@ -142,9 +145,13 @@ class ImagesService:
 
     def _checked_pool(self, req: ImageGenerationRequest) -> SDXLPool:
         pool = self.pool()
-        if req.model is not None and req.model != self.config.image_model_name:
-            raise APIError(404, f"The model '{req.model}' does not exist.", param="model", code="model_not_found")
-        return pool
+        model = req.model
+        if model is None or model == self.config.image_model_name or model in OPENAI_IMAGE_MODELS:
+            return pool
+        if model in self.engines.models() or model == self.config.model_name:
+            raise APIError(400, f"'{model}' is a chat model; this endpoint draws with the image model "
+                           f"'{self.config.image_model_name}' (or omit model).", param="model", code="invalid_model")
+        raise APIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
 
     async def generate(self, req: ImageGenerationRequest, base_url: str) -> Response:
         """``POST /v1/images/generations``."""

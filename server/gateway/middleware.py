@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -80,6 +82,43 @@ class MetricsMiddleware:
             gauge.dec()
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+
+#: A client's ``x-request-id`` is honoured when it is a plain token (it is logged and sent to the engine).
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id(scope: Scope) -> str:
+    """The request's id, set by :class:`RequestIdMiddleware` (a fresh one outside it, e.g. in unit tests)."""
+    return scope.get("state", {}).get("request_id") or "gw-" + uuid.uuid4().hex[:24]
+
+
+class RequestIdMiddleware:
+    """Every answer carries ``x-request-id`` (the client's when it is a plain token, else ``gw-…``; routes read it
+    with :func:`request_id` and pass it to the engine and the logs) and ``openai-processing-ms`` (time to the
+    headers), which the OpenAI SDKs expose as the response's request id and processing time."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = _header(scope, b"x-request-id") or ""
+        rid = given if _REQUEST_ID.fullmatch(given) else "gw-" + uuid.uuid4().hex[:24]
+        scope.setdefault("state", {})["request_id"] = rid
+        start = time.perf_counter()
+
+        async def _send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                headers += [(b"x-request-id", rid.encode()),
+                            (b"openai-processing-ms", str(int((time.perf_counter() - start) * 1000)).encode())]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, _send)
 
 
 class ClientGone(Exception):

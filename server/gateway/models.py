@@ -28,7 +28,13 @@ class ModelCatalog:
             ids.append(self.config.image_model_name)
         return list(dict.fromkeys(ids))
 
+    def _entry(self, model: str) -> dict[str, object]:
+        return {"id": model, "object": "model", "created": self.created, "owned_by": "minigemini-serve"}
+
     def listing(self) -> dict[str, object]:
         """The ``GET /v1/models`` body."""
-        return {"object": "list", "data": [{"id": m, "object": "model", "created": self.created,
-                                            "owned_by": "minigemini-serve"} for m in self.all_ids()]}
+        return {"object": "list", "data": [self._entry(m) for m in self.all_ids()]}
+
+    def get(self, model: str) -> dict[str, object] | None:
+        """One ``GET /v1/models/{id}`` entry; None for an id this gateway does not serve."""
+        return self._entry(model) if model in self.all_ids() else None

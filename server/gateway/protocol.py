@@ -269,6 +269,37 @@ IMAGE_STREAM_EVENT: dict[str, Any] = {
                                       for suffix in ("partial_image", "completed")] + ["error"]}}}
 
 
+class CompletionRequest(_Open):
+    """``POST /v1/completions`` (OpenAI's legacy text completions): the prompt as text or token ids."""
+
+    model: str = Field(min_length=1)
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=16)] | Annotated[
+        list[int], Field(min_length=1)] | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(
+            min_length=1, max_length=16)]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    n: int | None = Field(default=None, ge=1, le=16)
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    echo: bool | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CompletionRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    def text_chars(self) -> int:
+        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        return sum(len(p) for p in prompts if isinstance(p, str))
+
+
 class ImageDatum(_Open):
     url: str | None = None
     b64_json: str | None = None

@@ -80,6 +80,10 @@ def _engine_error(message: str) -> APIError:
     return APIError(502, message, type_="server_error", code="engine_error")
 
 
+#: The engines' routes the relay speaks to.
+CHAT_PATH, COMPLETIONS_PATH = "/v1/chat/completions", "/v1/completions"
+
+
 def new_request_id() -> str:
     return "gw-" + uuid.uuid4().hex[:24]
 
@@ -117,7 +121,7 @@ class ChatRelay:
     def __init__(self, config: GatewayConfig, pool: EnginePool, client: EngineClient, metrics: GatewayMetrics) -> None:
         self.config, self.pool, self.client, self.metrics = config, pool, client, metrics
 
-    async def _open(self, body: dict[str, Any], attempt: _Attempt) -> _Upstream:
+    async def _open(self, body: dict[str, Any], attempt: _Attempt, path: str = CHAT_PATH) -> _Upstream:
         """Send ``body`` to the least loaded engine not tried yet; failures move on by the rule in the module
         docstring. The caller owns the returned upstream (close it)."""
         while True:  # bounded: every engine at most once
@@ -130,7 +134,7 @@ class ChatRelay:
             if self.config.model_name and payload["model"] == self.config.model_name and engine.models:
                 payload["model"] = engine.models[0]
             try:
-                response = await self.client.post(engine.url + "/v1/chat/completions", payload, attempt.request_id)
+                response = await self.client.post(engine.url + path, payload, attempt.request_id)
             except EngineConnectFailed as exc:  # nothing was sent
                 lease.release()
                 self._failed(engine, exc, attempt)
@@ -187,11 +191,13 @@ class ChatRelay:
 
     # --- non-streaming -----------------------------------------------------------------------------------------------
 
-    async def complete(self, body: dict[str, Any], request_id: str | None = None) -> dict[str, Any]:
-        """The engine's chat completion for ``body`` (JSON object); ``request_id``: the caller's, else generated."""
+    async def complete(self, body: dict[str, Any], request_id: str | None = None,
+                       path: str = CHAT_PATH) -> dict[str, Any]:
+        """The engine's answer for ``body`` (JSON object) on ``path`` (chat completions, or the legacy text
+        completions); ``request_id``: the caller's, else generated."""
         attempt = _Attempt(request_id or new_request_id())
         while True:  # bounded by _open: every engine at most once
-            upstream = await self._open(body, attempt)
+            upstream = await self._open(body, attempt, path)
             if upstream.response.status_code != 200:
                 raise await self._error(upstream)
             try:
@@ -217,13 +223,13 @@ class ChatRelay:
     # --- streaming ---------------------------------------------------------------------------------------------------
 
     async def stream(self, body: dict[str, Any], include_usage: bool, wrap: StreamWrapper | None = None,
-                     request_id: str | None = None) -> StreamingResponse:
+                     request_id: str | None = None, path: str = CHAT_PATH) -> StreamingResponse:
         """An SSE response relaying the engine's stream for ``body`` (optionally through ``wrap``)."""
         body = {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
         attempt = _Attempt(request_id or new_request_id())
         timing = _StreamTiming(time.perf_counter())
         while True:  # bounded by _open: every engine at most once
-            upstream = await self._open(body, attempt)
+            upstream = await self._open(body, attempt, path)
             if upstream.response.status_code != 200:
                 raise await self._error(upstream)
             events = sse.events(upstream.response.aiter_bytes())

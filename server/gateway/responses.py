@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from server.errors import APIError, validation_error
 from server.gateway import sse
 from server.gateway.any_to_any import add_gen_suffix
-from server.gateway.chat import ChatService
+from server.gateway.chat import ChatService, merge_turns
 from server.gateway.image_fetch import inline_images
 from server.gateway.image_generation import extract_caption
 from server.gateway.protocol import ChatCompletionRequest, ImageOptions
@@ -168,20 +168,6 @@ class ResponsesService:
                 parts.append({"type": "text", "text": part.text})
         return {"role": role, "content": parts}, stored
 
-    @staticmethod
-    def _merge(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Consecutive turns of one role become one (texts joined by a blank line, parts kept in order)."""
-        out: list[dict[str, Any]] = []
-        for m in messages:
-            if out and out[-1]["role"] == m["role"]:
-                prev = out[-1]
-                a = prev["content"] if isinstance(prev["content"], list) else [{"type": "text", "text": prev["content"]}]
-                b = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
-                prev["content"] = a + [{"type": "text", "text": "\n\n"}] + b
-            else:
-                out.append(dict(m))
-        return out
-
     async def prepare(self, req: ResponsesRequest) -> Turn:
         if req.background:
             raise APIError(400, "background responses are not supported; stream instead.", param="background",
@@ -209,7 +195,7 @@ class ResponsesService:
                 first_user["content"] = [{"type": "image_url", "image_url": {
                     "url": "data:image/png;base64," + previous_image}}, *parts]
         system = [{"role": "system", "content": req.instructions}] if req.instructions else []
-        messages = self._merge(system + history + new)
+        messages = merge_turns(system + history + new)
         body: dict[str, Any] = {"model": req.model, "messages": messages}
         for src, dst in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"), ("top_p", "top_p"),
                          ("seed", "seed"), ("stop", "stop"), ("user", "user")):

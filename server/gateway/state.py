@@ -12,6 +12,7 @@ from fastapi import Request
 from server.gateway.admission import Admission
 from server.gateway.auth import APIKeys
 from server.gateway.chat import ChatService
+from server.gateway.completions import CompletionsService
 from server.gateway.config import GatewayConfig
 from server.gateway.engine_pool import EnginePool
 from server.gateway.image_fetch import Resolver, system_resolver
@@ -35,6 +36,7 @@ class Gateway:
     chat: ChatService
     images: ImagesService
     responses: ResponsesService
+    completions: CompletionsService
 
     def __init__(self, config: GatewayConfig, resolver: Resolver = system_resolver) -> None:
         self.config, self.resolver = config, resolver
@@ -76,6 +78,7 @@ class Gateway:
         self.models = ModelCatalog(cfg, self.pool)
         self.images = ImagesService(cfg, relay, self.pool, self.sdxl, self.files, self.metrics, self.resolver)
         self.chat = ChatService(cfg, relay, self.images, self.models, self.resolver, self.metrics)
+        self.completions = CompletionsService(self.chat)
         self.responses = ResponsesService(self.chat, self.files.store, cfg.response_ttl_s, cfg.retry_after_s)
         logger.info("gateway started", extra={"fields": {
             "engines": ",".join(cfg.engines), "up": sum(e.up for e in self.pool.engines),

@@ -80,10 +80,12 @@ def test_openai_server_image_chat(tiny_checkpoint, tiny_tokenizer, tmp_path):
                 assert time.monotonic() < deadline, "server did not start in 240 s"
                 time.sleep(1)
 
+        with urllib.request.urlopen(base + "/v1/models", timeout=10) as r:  # a clean id: the directory's name
+            assert [m["id"] for m in json.loads(r.read())["data"]] == [model.name]
         image = Image.new("RGB", (40, 70), (30, 60, 200))
         content = [{"type": "image_url", "image_url": {"url": _png_url(image)}}, {"type": "text", "text": "What is this?"}]
         status, reply = _post(base + "/v1/chat/completions", {
-            "model": str(model), "messages": [{"role": "user", "content": content}],
+            "model": model.name, "messages": [{"role": "user", "content": content}],
             "max_tokens": 5, "temperature": 0, "return_token_ids": True})
         assert status == 200, reply
         assert reply["choices"][0]["message"]["content"] and reply["usage"]["completion_tokens"] == 5
@@ -98,7 +100,7 @@ def test_openai_server_image_chat(tiny_checkpoint, tiny_tokenizer, tmp_path):
         # the gateway sends) the ids are the official ones. A BOS written by the template would not do: the text
         # after a special token is tokenised without SentencePiece's leading space.
         status, reply = _post(base + "/v1/chat/completions", {
-            "model": str(model), "messages": [{"role": "user", "content": "What is this?"}],
+            "model": model.name, "messages": [{"role": "user", "content": "What is this?"}],
             "max_tokens": 1, "temperature": 0, "return_token_ids": True, "add_special_tokens": True})
         assert status == 200, reply
         text_prompt = render_prompt([{"role": "user", "content": "What is this?"}], "vicuna_v1")
@@ -106,7 +108,7 @@ def test_openai_server_image_chat(tiny_checkpoint, tiny_tokenizer, tmp_path):
         assert reply["prompt_token_ids"][0] == tok.bos_token_id
 
         status, reply = _post(base + "/v1/chat/completions", {
-            "model": str(model), "max_tokens": 1,
+            "model": model.name, "max_tokens": 1,
             "messages": [{"role": "user", "content": [content[0]] * 3 + [content[1]]}]})
         assert status == 400 and "At most 2 image" in json.dumps(reply)
     finally:

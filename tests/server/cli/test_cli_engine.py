@@ -24,6 +24,7 @@ def test_cpu_defaults(tmp_path, monkeypatch):
     assert argv[:3] == [sys.executable, "-m", VLLM_SERVER_MODULE]
     assert argv[3:5] == ["--model", str(tmp_path)]
     assert argv[argv.index("--chat-template") + 1] == "/s/chat_template.jinja"
+    assert argv[argv.index("--served-model-name") + 1] == tmp_path.name  # the directory's name, never its path
     assert argv[argv.index("--generation-config") + 1] == "/s"
     assert "--enforce-eager" in argv and argv[-4:] == ["--port", "8011", "--max-model-len", "512"]
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2"
@@ -49,6 +50,8 @@ def test_flags_env_and_user_overrides(tmp_path, monkeypatch):
     argv, env = engine_command(args, extra, Path("/s/t.jinja"), Path("/s"), {"KEEP": "1"})
     assert argv.count("--chat-template") == 1 and "mine.jinja" in argv and "/s/t.jinja" not in argv
     assert "/s" not in argv and "--enforce-eager" not in argv
+    argv, _ = _command(["--model", str(tmp_path), "--served-model-name", "mine"])
+    assert argv.count("--served-model-name") == 1 and argv[argv.index("--served-model-name") + 1] == "mine"
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "3" and env["KEEP"] == "1"
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "auto" and env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
     # --compile lets vLLM compile; a GPU run gets no CPU settings at all

@@ -58,15 +58,19 @@ def test_generation_mode_returns_the_image_of_the_last_caption(client, engine):
     assert "images" not in (plain.choices[0].message.model_extra or {})
 
 
-def test_generation_mode_streaming_sends_the_image_last(client, engine):
+def test_generation_mode_streaming_sends_the_image_before_the_finish_chunk(client, engine):
+    """Clients stop reading at the finish_reason chunk (and treat the usage chunk as the last one): the images come
+    before both."""
     chunks = list(_ask(client, engine[1], stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     caption = extract_caption(text)
     assert caption
     with_images = [i for i, c in enumerate(chunks) if c.choices and (c.choices[0].delta.model_extra or {}).get("images")]
-    assert with_images == [len(chunks) - 1]  # exactly one, the final chunk
+    finish = [i for i, c in enumerate(chunks) if c.choices and c.choices[0].finish_reason]
+    assert len(with_images) == 1 and len(finish) == 1 and with_images[0] < finish[0]
+    assert all(not c.choices for c in chunks[finish[0] + 1:])  # only the usage chunk may follow
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 1  # the text streamed in pieces
-    (image,) = chunks[-1].choices[0].delta.model_extra["images"]
+    (image,) = chunks[with_images[0]].choices[0].delta.model_extra["images"]
     assert image["caption"] == caption
     _png(image["image_url"]["url"])
 

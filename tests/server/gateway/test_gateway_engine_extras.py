@@ -60,6 +60,13 @@ def test_the_clients_request_id_reaches_the_engine(recording_gateway):
         assert r.status_code == 200, r.text
         got = _Recorder.request_ids[-1]
         assert (got == given) if expect_own else (got and got != given and got.startswith("gw-"))
+        # the answer names the same id (the SDKs' request id) and the gateway's processing time
+        assert r.headers["x-request-id"] == got and int(r.headers["openai-processing-ms"]) >= 0
+    # every answer has one, refusals and other routes included
+    for r in (httpx.get(recording_gateway + "/v1/models", timeout=10),
+              httpx.post(recording_gateway + "/v1/chat/completions", json={}, timeout=10),
+              httpx.get(recording_gateway + "/v1/nothing", timeout=10)):
+        assert r.headers["x-request-id"].startswith("gw-"), (r.status_code, r.headers)
 
 
 class _SmallContext(_Recorder):
@@ -91,3 +98,17 @@ def test_text_that_cannot_fit_the_context_never_reaches_the_engine(gateway_serve
         assert (err["code"], err["param"]) == ("context_length_exceeded", "messages") and "64 tokens" in err["message"]
         assert len(_SmallContext.bodies) == sent  # the engine saw nothing
         assert post("ok", "fine").status_code == 200
+
+
+def test_turns_are_merged_for_the_chat_template(recording_gateway):
+    """Two system messages, a developer message and two user turns in a row (OpenAI accepts them; MGM's template
+    wants alternating turns) reach the engine as one system turn and one user turn, in order."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "developer", "content": "Be kind."},
+                {"role": "user", "content": "Hi"}, {"role": "user", "content": [{"type": "text", "text": "again"}]}]
+    r = httpx.post(recording_gateway + "/v1/chat/completions", timeout=10,
+                   json={"model": "rec", "messages": messages})
+    assert r.status_code == 200, r.text
+    assert _Recorder.bodies[-1]["messages"] == [
+        {"role": "system", "content": "Be brief.\n\nBe kind."},
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "\n\n"},
+                                     {"type": "text", "text": "again"}]}]

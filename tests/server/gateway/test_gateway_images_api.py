@@ -117,9 +117,16 @@ def test_bad_parameters_are_400_naming_the_param(client, kwargs, param):
     assert err.value.status_code == 400 and err.value.body["param"] == param, err.value.body
 
 
-def test_unknown_image_model_and_auth(client, gateway):
+def test_model_names_unknown_openai_and_chat_and_auth(client, gateway, engine):
     with pytest.raises(openai.NotFoundError):
-        client.images.generate(model="dall-e-3", prompt="x", size="64x64")
+        client.images.generate(model="imagen-4", prompt="x", size="64x64")
+    # OpenAI's image model names are served by the image model (the SDKs' examples use them)
+    r = client.images.generate(model="dall-e-3", prompt="x", size="64x64", response_format="b64_json",
+                               extra_body={**FAST, "enhance_prompt": False})
+    assert len(r.data) == 1
+    with pytest.raises(openai.BadRequestError) as err:  # the chat model: named as such, not "does not exist"
+        client.images.generate(model=engine[1], prompt="x", size="64x64")
+    assert err.value.body["code"] == "invalid_model" and "chat model" in err.value.body["message"]
     r = httpx.post(gateway + "/v1/images/generations", json={"prompt": "x"}, timeout=10)
     assert r.status_code == 401
 

@@ -138,3 +138,29 @@ def test_what_this_server_does_not_run_is_a_clear_error(client: openai.OpenAI, k
     with pytest.raises(openai.APIStatusError) as err:
         client.responses.create(model=ALIAS, input="hi", **{"max_output_tokens": 2, **kwargs})
     assert err.value.status_code == status and err.value.body["param"] == param  # type: ignore[index]
+
+
+def test_model_retrieve_request_ids_and_no_embeddings(client: openai.OpenAI):
+    assert client.models.retrieve(ALIAS).id == ALIAS
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-nope")
+    r = client.responses.create(model=ALIAS, input="hi", max_output_tokens=2)
+    assert r._request_id and r._request_id.startswith("gw-")  # the SDK reads x-request-id
+    mine = client.with_options(default_headers={"x-request-id": "trace-7"}).responses.create(
+        model=ALIAS, input="hi", max_output_tokens=2)
+    assert mine._request_id == "trace-7"
+    with pytest.raises(openai.NotFoundError) as err:
+        client.embeddings.create(model="text-embedding-3-small", input="hi")
+    assert "no embedding model" in err.value.body["message"]  # type: ignore[index]
+
+
+def test_legacy_completions_start_with_the_official_bos(client: openai.OpenAI, tiny_models):
+    from transformers import AutoTokenizer
+
+    bos = AutoTokenizer.from_pretrained(tiny_models[0]).bos_token_id
+    r = client.completions.create(model=ALIAS, prompt="Once upon a time", max_tokens=4,
+                                  extra_body={"return_token_ids": True})
+    assert r.choices[0].text and r.usage.completion_tokens == 4
+    assert r.choices[0].model_extra["prompt_token_ids"][0] == bos  # type: ignore[index]
+    chunks = list(client.completions.create(model=ALIAS, prompt="Hi", max_tokens=3, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices)

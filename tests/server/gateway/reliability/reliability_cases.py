@@ -308,7 +308,9 @@ def _cases() -> list[Case]:
     add(Case("images API", "missing `prompt`", 400, "missing_required_parameter", "prompt", path=IMAGES,
              body={"size": "64x64"}))
     add(Case("images API", "unknown image model", 404, "model_not_found", "model", path=IMAGES,
-             body=_images(model="dall-e-3")))
+             body=_images(model="imagen-4")))
+    add(Case("images API", "the chat model on the images route", 400, "invalid_model", "model", path=IMAGES,
+             body=_images(model="{model}")))
     # --- image edits (multipart, as the SDKs send them; one JSON body) ------------------------------------------
     image = ("image", "a.png", PNG, "image/png")
     for name, extra, fields, status, code, param in [
@@ -325,7 +327,7 @@ def _cases() -> list[Case]:
         ("`output_format` gif", [], {"output_format": "gif"}, 400, "invalid_value", "output_format"),
         ("`output_compression` 101", [], {"output_compression": "101"}, 400, "invalid_value", "output_compression"),
         ("missing `prompt`", [], {"prompt": None}, 400, "missing_required_parameter", "prompt"),
-        ("unknown image model", [], {"model": "dall-e-2"}, 404, "model_not_found", "model")]:
+        ("unknown image model", [], {"model": "imagen-4"}, 404, "model_not_found", "model")]:
         add(Case("image edits", name, status, code, param, **_edit(image, *extra, **fields)))
     add(Case("image edits", "missing `image`", 400, "missing_required_parameter", "image",
              **_edit(("mask", "m.png", RGBA_MASK, "image/png"))))
@@ -379,6 +381,9 @@ def _cases() -> list[Case]:
     add(Case("Responses API", "without a key", 401, "missing_api_key", path=RESPONSES, body=_resp(), auth=None))
     # --- routes -------------------------------------------------------------------------------------------------
     add(Case("routes", "unknown route", 404, "not_found", method="GET", path="/v1/nothing"))
+    add(Case("routes", "unknown model id", 404, "model_not_found", "model", method="GET", path="/v1/models/gpt-nope"))
+    add(Case("routes", "embeddings (no embedding model here)", 404, "model_not_found", "model",
+             path="/v1/embeddings", body={"model": "text-embedding-3-small", "input": "hi"}))
     add(Case("routes", "GET on a POST route", 405, "method_not_allowed", method="GET"))
     return c
 
