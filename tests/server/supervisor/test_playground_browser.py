@@ -15,13 +15,19 @@ import io
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
+from support.live import http_server
 from support.serve_live import ALIAS, API_KEY, REPO
+from support.stub_engine import StubEngine
+
+from server.procs import free_port
 
 CHROMIUM = os.environ.get("MGM_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("MGM_TEST_ARTIFACTS") or REPO / ".cache" / "test-artifacts") / "playground"
@@ -225,7 +231,9 @@ def test_chat_image_streaming_then_generated_image(stack, browser, tmp_path):  #
     lengths = page.evaluate("window.__lengths")
     assert answer and lengths[-1] == len(answer)
     grown = [n for i, n in enumerate(lengths) if n > 0 and (i == 0 or n != lengths[i - 1])]
-    assert len(grown) >= 2 and grown == sorted(grown), lengths  # the text arrived in pieces, as it streamed
+    # the text only grows; how many pieces the page paints depends on the machine's load (vLLM's CPU server can send
+    # a short answer in one burst), so progressive painting is checked against a steady stream in the Stop test
+    assert grown and grown == sorted(grown), lengths
     assert re.search(r"\d+ tokens · [\d.]+ s · finish: (length|stop)", page.text_content(".msg.assistant .meta"))
     assert page.is_visible("#send") and page.is_enabled("#send") and not page.is_visible("#stop")
     assert page.locator(".msg.user img.thumb").count() == 1 and page.locator("#attachments li").count() == 0
@@ -402,36 +410,73 @@ def test_edit_tab_paints_a_mask_and_streams_previews(stack, browser, tmp_path): 
     visit.close()
 
 
-def test_stop_button_ends_a_long_answer(stack, browser):  # type: ignore[no-untyped-def]
-    visit = Visit(browser, stack.base)
+class _EndlessStory(StubEngine):
+    """An engine that streams one word every 50 ms for up to a minute (so Stop always meets a live stream, whatever
+    the machine's load) and records when its client went away."""
+
+    dropped: list[float] = []
+
+    def do_POST(self) -> None:
+        self.read_body()
+        self.start_stream()
+        for i in range(1200):
+            chunk = {"id": "chatcmpl-endless", "object": "chat.completion.chunk", "created": 0, "model": self.model,
+                     "choices": [{"index": 0, "delta": {"content": f"word{i} "}, "finish_reason": None}]}
+            try:
+                self.write_chunk(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                self.wfile.flush()
+            except OSError:
+                type(self).dropped.append(time.monotonic())
+                return
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def endless_gateway(tmp_path):  # type: ignore[no-untyped-def]
+    """A real `mgm gateway` (its playground included) in front of :class:`_EndlessStory`."""
+    handler = type("Endless", (_EndlessStory,), {"dropped": []})
+    with http_server(handler) as engine:
+        port = free_port()
+        log = open(tmp_path / "gateway.log", "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "server", "gateway", "--port", str(port), "--engine", engine],
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 60
+            while True:  # bounded by the deadline
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "gateway.log").read_text()
+                try:
+                    if httpx.get(base + "/ready", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.2)
+            yield base, handler
+        finally:
+            proc.terminate()
+            proc.wait(20)
+            log.close()
+
+
+def test_stop_button_ends_a_streaming_answer(endless_gateway, browser):  # type: ignore[no-untyped-def]
+    """The answer renders as it streams (several lengths seen), Stop ends it in the page ("finish: stopped", no
+    error, Send enabled again), and the gateway drops the engine's stream (the engine sees its client leave)."""
+    base, engine = endless_gateway
+    visit = Visit(browser, base)
     page = visit.page
-    visit.login()
-    visit.wait_model()
-    page.fill("#max-tokens", "3000")  # long enough to be streaming still when Stop is clicked, however fast
-    page.click("summary:has-text('Advanced')")
-    page.fill("#extra", json.dumps({"ignore_eos": True}))  # a vLLM extra: no early end of the answer
+    page.wait_for_function("() => document.getElementById('model').value === 'stub'")
+    _watch_text(page)
     page.fill("#prompt", "Tell me a long story.")
     page.press("#prompt", "Enter")
-    # Stop at once, not after the first words: vLLM's CPU server on 2 busy cores sometimes holds a stream back and
-    # sends it in one burst at the end (seen on the engine directly too), which would race the click.
-    page.wait_for_selector("#stop", state="visible")
+    page.wait_for_function("() => new Set((window.__lengths || []).filter((n) => n > 0)).size >= 3")
     # the streaming log scrolls the page every frame, so pointer "stability" never settles: fire the click itself
     page.locator("#stop").dispatch_event("click")
     _answer_done(page, 1)
     meta = page.text_content(".msg.assistant .meta")
     assert "finish: stopped" in meta and page.locator(".msg.assistant [role=alert]").count() == 0, meta
     assert page.is_enabled("#send") and not page.is_visible("#stop")
-    # the engine stops too: the gateway cancels the request once the page drops the stream
-    deadline = time.monotonic() + 30
-    while _running_requests(stack) > 0:
-        assert time.monotonic() < deadline, "the engine is still generating the stopped answer"
-        time.sleep(0.2)
+    stopped = time.monotonic()
+    while not engine.dropped:  # bounded: the engine's stream ends within a minute anyway
+        assert time.monotonic() < stopped + 10, "the gateway kept reading the engine after Stop"
+        time.sleep(0.05)
     visit.close()
-
-
-def _running_requests(stack) -> float:  # type: ignore[no-untyped-def]
-    """vLLM's running + waiting requests as the engine reports them (through its own /metrics)."""
-    ready = httpx.get(stack.base + "/ready", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10).json()
-    text = httpx.get(ready["engines"][0]["url"] + "/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")))
