@@ -7,20 +7,16 @@ from __future__ import annotations
 
 import base64
 import io
-import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import openai
 import pytest
 from PIL import Image
+from support.node_sdk import run_node
 from support.serve_live import API_KEY, Serve
 
 from server.gateway.config import GatewayConfig
 
-NODE_DIR = Path(__file__).resolve().parents[2] / "node"
 MODEL = GatewayConfig.__dataclass_fields__["image_model_name"].default
 FAST = {"num_inference_steps": 2}
 #: The first bytes of each format, as the Node script prints them (hex).
@@ -103,24 +99,11 @@ def test_bad_edits_are_400_naming_the_field(client: openai.OpenAI):
     assert r.data
 
 
-def _node() -> str:
-    node = shutil.which("node")
-    if node is None or not (NODE_DIR / "node_modules" / "openai").is_dir():
-        if os.environ.get("MGM_REQUIRE_NODE") == "1":
-            pytest.fail("node or the openai npm package is missing: run `make test` (it installs tests/node)")
-        pytest.skip("node / tests/node/node_modules not installed (make test installs them)")
-    return node
-
-
 def test_the_node_sdk_edits_and_streams(serve_stack: Serve, tmp_path: Path):
-    node = _node()
     image, mask = tmp_path / "a.png", tmp_path / "m.png"
     image.write_bytes(_png())
     mask.write_bytes(_png(alpha_hole=True))
-    run = subprocess.run([node, "images.mjs", serve_stack.base + "/v1", API_KEY, MODEL, str(image), str(mask)],  # type: ignore[attr-defined]
-                         cwd=NODE_DIR, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.strip().splitlines()[-1])
+    out = run_node("images.mjs", serve_stack.base + "/v1", API_KEY, MODEL, str(image), str(mask))  # type: ignore[attr-defined]
     assert out["one"]["n"] == 1 and out["one"]["size"] == "96x64" and out["one"]["revised_prompt"]
     assert out["one"]["magic"].startswith(MAGIC["PNG"])
     assert out["mask"]["output_format"] == "jpeg" and out["mask"]["magic"].startswith(MAGIC["JPEG"])
