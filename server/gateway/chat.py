@@ -4,6 +4,7 @@ engine (official BOS, generation mode, remote images inlined), then relayed stre
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Response
@@ -18,6 +19,8 @@ from server.gateway.metrics import GatewayMetrics
 from server.gateway.models import ModelCatalog
 from server.gateway.protocol import ENGINE_EXTRAS, GATEWAY_EXTRAS, ChatCompletionRequest
 from server.gateway.relay import ChatRelay
+from server.gateway.streaming import EventStream
+from server.gateway.tools import ToolPlan
 
 logger = logging.getLogger("mgm.gateway")
 
@@ -42,6 +45,11 @@ def merge_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         else:
             out.append(m)
     return out
+
+async def _replay(events: list[bytes]) -> AsyncIterator[bytes]:
+    for event in events:
+        yield event
+
 
 class ChatService:
     def __init__(self, config: GatewayConfig, relay: ChatRelay, images: ImagesService, models: ModelCatalog,
@@ -85,10 +93,18 @@ class ChatService:
                 del body[key]
             logger.info("fields not passed to the engine", extra={"fields": {"fields": ",".join(dropped)}})
         body.setdefault("add_special_tokens", True)
+        tools = ToolPlan.prepare(body)  # before merging: tool results become user turns
         body["messages"] = merge_turns(body["messages"])
         generation = Generation.prepare(self.images, body, base_url)
         await inline_images(body, self.config.images, self.resolver, self.metrics)
         # 3. Relay: a stream passes through (with the images chunk in generation mode); a completion gets its images.
+        if tools is not None:  # the answer is one constrained call: asked unstreamed, shaped, streamed if asked
+            payload = tools.shape(await self.relay.complete(
+                {k: v for k, v in body.items() if k not in ("stream", "stream_options")}, request_id))
+            if not req.stream:
+                return JSONResponse(payload)
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return EventStream(_replay(tools.stream(payload, include_usage)))
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await self.relay.stream(body, include_usage, None if generation is None

@@ -67,7 +67,7 @@ ENGINE_EXTRAS = frozenset({
     "return_tokens_as_token_ids", "add_special_tokens", "priority", "cache_salt", "logit_bias", "user",
 })
 #: Gateway extensions read off the body before it goes to the engine (any-to-any generation).
-GATEWAY_EXTRAS = frozenset({"modalities", "image_options"})
+GATEWAY_EXTRAS = frozenset({"modalities", "image_options", "tools", "tool_choice", "parallel_tool_calls"})
 
 
 class ChatCompletionRequest(_Open):

@@ -185,3 +185,19 @@ def test_the_node_sdk(replicas, tmp_path):
     assert out["input_items"] == [["input_image", "input_text"]]
     # random weights may decode 3 tokens to nothing visible: the count is what is certain
     assert isinstance(out["completion"]["text"], str) and out["completion"]["tokens"] == 3 and out["model"] == ALIAS
+
+
+def test_a_named_tool_choice_through_the_real_engine_is_valid_json(client: openai.OpenAI):
+    """The real engine honours the structured output the gateway asks for: even random weights produce arguments
+    that parse and follow the function's schema."""
+    import json
+
+    tool = {"type": "function", "function": {"name": "weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+        "additionalProperties": False}}}
+    r = client.chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                       tools=[tool], tool_choice={"type": "function", "function": {"name": "weather"}},
+                                       max_tokens=40)
+    (call,) = r.choices[0].message.tool_calls
+    args = json.loads(call.function.arguments)
+    assert call.function.name == "weather" and set(args) == {"city"} and isinstance(args["city"], str)

@@ -212,6 +212,13 @@ def _cases() -> list[Case]:
              body=_chat(modalities=["text", "audio"])))
     add(Case("chat", "generation mode without a user message", 400, "invalid_value", "messages",
              body=_chat(modalities=["text", "image"], messages=[{"role": "system", "content": "Be brief."}])))
+    fn = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    add(Case("chat", "`tools` with tool_choice auto (MGM cannot decide; name one)", 400, "unsupported_tool_choice",
+             "tool_choice", body=_chat(tools=[fn])))
+    add(Case("chat", "a `web_search` tool", 400, "unsupported_tool", "tools[0].type",
+             body=_chat(tools=[{"type": "web_search"}], tool_choice="required")))
+    add(Case("chat", "tool_choice names a function not in `tools`", 400, "invalid_value", "tool_choice",
+             body=_chat(tools=[fn], tool_choice={"type": "function", "function": {"name": "g"}})))
     # --- inline images (data URLs) ------------------------------------------------------------------------------
     nine = _chat(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": data_url(PNG)}}] * 9 + [{"type": "text", "text": "x"}]}])
