@@ -87,6 +87,10 @@ class ChatCompletionRequest(_Open):
     response_format: ResponseFormat | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    #: MGM's any-to-any extension (docs/api.md §1.2): ["text", "image"] runs generation mode and draws the caption;
+    #: checked by server.gateway.any_to_any (declared here for the OpenAPI document).
+    modalities: list[str] | None = Field(default=None, description='["text"] or ["text", "image"] (generation mode)')
+    image_options: ImageOptions | None = Field(default=None, description="how generation mode's images are drawn")
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
@@ -336,3 +340,6 @@ class Readiness(_Open):
 class NotReady(_Open):
     error: ErrorDetail
     engines: list[dict[str, Any]]
+
+
+ChatCompletionRequest.model_rebuild()  # image_options refers to ImageOptions, defined below it
