@@ -133,15 +133,20 @@ def image_server(png: bytes) -> Iterator[ImageServer]:
 
 
 @pytest.fixture(scope="session")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+def engine_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Llama MGM checkpoint the session's engine serves (its id is the directory's name)."""
+    from engine.tiny import build_tiny
+
+    return Path(build_tiny(tmp_path_factory.mktemp("gateway-engine") / "tiny", backbone="llama", hd=False, seed=0))
+
+
+@pytest.fixture(scope="session")
+def engine(engine_checkpoint: Path) -> Iterator[tuple[str, str]]:
     """ONE real `mgm engine` (tiny random Llama checkpoint) on a free loopback port: (base URL, model id)."""
     import httpx
 
-    from engine.tiny import build_tiny
-
-    root = tmp_path_factory.mktemp("gateway-engine")
-    model = build_tiny(root / "tiny", backbone="llama", hd=False, seed=0)
-    child = stack.engine(Path(model), free_port(), root)
+    root = engine_checkpoint.parent
+    child = stack.engine(engine_checkpoint, free_port(), root)
     with stack.running([child], timeout=240):  # a start failure shows the end of the engine's log
         base = stack.base_url(child)
         model_id = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]

@@ -37,9 +37,9 @@ def _ask(client: openai.OpenAI, content, **kwargs):  # type: ignore[no-untyped-d
     return client.chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": content}], **kwargs)
 
 
-def test_models_list(client, engine):
+def test_models_list(client, engine, engine_checkpoint):
     ids = [m.id for m in client.models.list()]
-    assert ids == [ALIAS, engine[1]]
+    assert ids == [ALIAS, engine[1]] and engine[1] == engine_checkpoint.name  # a clean id, never a path
 
 
 def test_text_chat(client, engine):
@@ -55,7 +55,7 @@ def test_text_chat(client, engine):
     assert direct.choices[0].message.content == choice.message.content
 
 
-def test_text_chat_gets_the_official_prompt_ids(client, engine):
+def test_text_chat_gets_the_official_prompt_ids(client, engine, engine_checkpoint):
     """vLLM's chat path adds no BOS by itself; through the gateway a text-only chat has the official ids."""
     from transformers import AutoTokenizer
 
@@ -64,7 +64,7 @@ def test_text_chat_gets_the_official_prompt_ids(client, engine):
     messages = [{"role": "user", "content": "Hello, who are you?"}]
     reply = client.chat.completions.create(model=engine[1], messages=messages, max_tokens=1, temperature=0,
                                            extra_body={"return_token_ids": True})
-    tok = AutoTokenizer.from_pretrained(engine[1])
+    tok = AutoTokenizer.from_pretrained(engine_checkpoint)
     official = tokenize_official(tok, render_prompt(messages, "vicuna_v1"))[0]
     assert reply.prompt_token_ids == official and official[0] == tok.bos_token_id
 

@@ -89,8 +89,8 @@ class SpareEngine:
 
 
 @pytest.fixture(scope="module")
-def spare(engine, tmp_path_factory) -> Iterator[SpareEngine]:  # type: ignore[no-untyped-def]
-    spare = SpareEngine(Path(engine[1]), tmp_path_factory.mktemp("spare-engine"))
+def spare(engine, engine_checkpoint, tmp_path_factory) -> Iterator[SpareEngine]:  # type: ignore[no-untyped-def]
+    spare = SpareEngine(engine_checkpoint, tmp_path_factory.mktemp("spare-engine"))
     spare.start()
     try:
         yield spare
