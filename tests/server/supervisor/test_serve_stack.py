@@ -39,7 +39,7 @@ def test_ready_line_logs_and_children(stack: Serve, tiny_models):  # type: ignor
 
 def test_models_list(client: openai.OpenAI, tiny_models):  # type: ignore[no-untyped-def]
     ids = [m.id for m in client.models.list()]
-    assert ids == [ALIAS, str(tiny_models[0]), "sdxl"]
+    assert ids == [ALIAS, tiny_models[0].name, "sdxl"]  # the checkpoint directory's name, never its path
 
 
 def test_chat_text_and_image(client: openai.OpenAI):
