@@ -14,6 +14,7 @@ the loaded pipeline; then the same edit without previews, which prices them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import statistics
@@ -90,7 +91,7 @@ def run_mode(runner: Any, mode: str, side: int, steps: int, previews: int, image
         marks.clear()
         sync()
         start = time.perf_counter()
-        runner.generate([spec if with_previews else GenSpec(**{**spec.__dict__, "previews": 0})], width=side,
+        runner.generate([spec if with_previews else dataclasses.replace(spec, previews=0)], width=side,
                         height=side, steps=steps, guidance_scale=5.0, mode=mode, strength=strength,
                         on_preview=lambda _i, _j, _imgs: marks.append(time.perf_counter() - start))
         sync()

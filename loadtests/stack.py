@@ -8,7 +8,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from server.procs import Child, stop_children
@@ -73,18 +73,19 @@ def wait_ready(children: Sequence[Child], timeout: float = 600) -> None:
         time.sleep(0.5)
 
 
-def launch(children: Sequence[Child], timeout: float = 600) -> None:
-    """Start ``children`` (in order) and wait until all are ready."""
+def launch(children: Sequence[Child], timeout: float = 600, env: Mapping[str, str] | None = None) -> None:
+    """Start ``children`` (in order; ``env`` added to their environment) and wait until all are ready."""
     for c in children:
-        c.start(env=_env())
+        c.start(env={**_env(), **(env or {})})
     wait_ready(children, timeout)
 
 
 @contextlib.contextmanager
-def running(children: Sequence[Child], timeout: float = 600) -> Iterator[list[Child]]:
+def running(children: Sequence[Child], timeout: float = 600,
+            env: Mapping[str, str] | None = None) -> Iterator[list[Child]]:
     """:func:`launch` ``children``, stop them all on exit."""
     try:
-        launch(children, timeout)
+        launch(children, timeout, env)
         yield list(children)
     finally:
         stop_children(children, timeout=30)

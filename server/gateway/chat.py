@@ -65,16 +65,17 @@ class ChatService:
         if known and model not in known:
             raise APIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
 
-    def check_prompt_length(self, req: ChatCompletionRequest) -> None:
-        """A cheap bound before the engine spends time tokenising: text that cannot fit the context at any
-        tokenizer's rate is refused here (config.max_prompt_chars_per_token); the engine checks the exact count."""
+    def check_prompt_length(self, chars: int, param: str = "messages") -> None:
+        """A cheap bound before the engine spends time tokenising: ``chars`` characters of text that cannot fit the
+        context at any tokenizer's rate are refused here (config.max_prompt_chars_per_token); the engine checks the
+        exact count."""
         context = self.relay.pool.max_model_len()
         if context is None:
             return
         limit = context * self.config.max_prompt_chars_per_token
-        if (chars := req.text_chars()) > limit:
-            raise APIError(400, f"The messages hold {chars} characters of text: more than this model's context of "
-                           f"{context} tokens can hold (at most {limit} characters are accepted).", param="messages",
+        if chars > limit:
+            raise APIError(400, f"'{param}' holds {chars} characters of text: more than this model's context of "
+                           f"{context} tokens can hold (at most {limit} characters are accepted).", param=param,
                            code="context_length_exceeded")
 
     async def create(self, req: ChatCompletionRequest, base_url: str, request_id: str | None = None) -> Response:
@@ -83,7 +84,7 @@ class ChatService:
         if unknown:
             logger.info("request has fields outside the OpenAI schema", extra={"fields": {"fields": ",".join(unknown)}})
         self.check_model(req.model)
-        self.check_prompt_length(req)
+        self.check_prompt_length(req.text_chars())
         # 2. The engine's body: only the extras the engine may see (protocol.ENGINE_EXTRAS). vLLM's chat path
         #    tokenises without special tokens, but the official MGM prompt ids start with BOS: ask for it (image
         #    prompts get the official ids either way; the processor rebuilds them).

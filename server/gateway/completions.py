@@ -7,7 +7,6 @@ from __future__ import annotations
 from fastapi import Response
 from fastapi.responses import JSONResponse
 
-from server.errors import APIError
 from server.gateway.chat import ChatService
 from server.gateway.protocol import ENGINE_EXTRAS, CompletionRequest
 from server.gateway.relay import COMPLETIONS_PATH
@@ -19,10 +18,7 @@ class CompletionsService:
 
     async def create(self, req: CompletionRequest, request_id: str) -> Response:
         self.chat.check_model(req.model)
-        context = self.chat.relay.pool.max_model_len()
-        if context is not None and req.text_chars() > context * self.chat.config.max_prompt_chars_per_token:
-            raise APIError(400, f"The prompt holds {req.text_chars()} characters: more than this model's context of "
-                           f"{context} tokens can hold.", param="prompt", code="context_length_exceeded")
+        self.chat.check_prompt_length(req.text_chars(), "prompt")
         body = req.model_dump(exclude_unset=True)
         for key in sorted(req.model_extra or {}):
             if key not in ENGINE_EXTRAS:

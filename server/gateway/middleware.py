@@ -88,9 +88,13 @@ class MetricsMiddleware:
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
+def new_request_id() -> str:
+    return "gw-" + uuid.uuid4().hex[:24]
+
+
 def request_id(scope: Scope) -> str:
     """The request's id, set by :class:`RequestIdMiddleware` (a fresh one outside it, e.g. in unit tests)."""
-    return scope.get("state", {}).get("request_id") or "gw-" + uuid.uuid4().hex[:24]
+    return scope.get("state", {}).get("request_id") or new_request_id()
 
 
 class RequestIdMiddleware:
@@ -106,7 +110,7 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         given = _header(scope, b"x-request-id") or ""
-        rid = given if _REQUEST_ID.fullmatch(given) else "gw-" + uuid.uuid4().hex[:24]
+        rid = given if _REQUEST_ID.fullmatch(given) else new_request_id()
         scope.setdefault("state", {})["request_id"] = rid
         start = time.perf_counter()
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +42,7 @@ from server.gateway import sse
 from server.gateway.config import GatewayConfig
 from server.gateway.engine_pool import Engine, EngineLease, EnginePool
 from server.gateway.metrics import GatewayMetrics
+from server.gateway.middleware import new_request_id
 from server.gateway.streaming import EventStream
 from server.gateway.upstream import (
     EngineClient,
@@ -82,10 +82,6 @@ def _engine_error(message: str) -> APIError:
 
 #: The engines' routes the relay speaks to.
 CHAT_PATH, COMPLETIONS_PATH = "/v1/chat/completions", "/v1/completions"
-
-
-def new_request_id() -> str:
-    return "gw-" + uuid.uuid4().hex[:24]
 
 
 @dataclass

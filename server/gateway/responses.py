@@ -211,7 +211,7 @@ class ResponsesService:
             checked = ChatCompletionRequest.model_validate(body)
         except ValidationError as exc:
             raise validation_error(exc.errors()) from None
-        self.chat.check_prompt_length(checked)
+        self.chat.check_prompt_length(checked.text_chars())
         if tool is not None:
             add_gen_suffix(messages)
         body["add_special_tokens"] = True
@@ -249,7 +249,7 @@ class ResponsesService:
         """Store the turn (when asked): the response, its input items, the conversation and its last image."""
         if not turn.req.store:
             return
-        history = [m for m in turn.body["messages"]]
+        history = list(turn.body["messages"])
         history.append({"role": "assistant", "content": answer})
         await self._save({"response": response, "input_items": turn.input_items, "messages": history,
                           "image": image or turn.previous_image})
@@ -362,7 +362,7 @@ class ResponsesService:
             ig_id = new_id("ig")
             try:
                 body, options, size = self._image_payload(turn, caption)
-                body["partial_images"] = turn.tool.partial_images or 0 if turn.tool else 0
+                body["partial_images"] = turn.tool.partial_images or 0  # type: ignore[union-attr]
                 yield event("response.output_item.added", output_index=1,
                             item=self._image_item(ig_id, "in_progress", None, None, None, None))
                 yield event("response.image_generation_call.in_progress", output_index=1, item_id=ig_id)

@@ -60,6 +60,17 @@ def _metric(base: str, name: str, **labels: str) -> float:
     return 0.0
 
 
+def _wait_cancelled(worker: str, gateway: str, cancelled_before: float) -> None:
+    """The worker counts one more cancelled job, and the gateway's pool holds no job any more (20 s at most)."""
+    deadline = time.monotonic() + 20
+    while _metric(worker, "mgm_sdxl_jobs_total", outcome="cancelled") <= cancelled_before:  # bounded
+        assert time.monotonic() < deadline, "the worker never saw the cancellation"
+        time.sleep(0.1)
+    while _metric(gateway, "mgm_gateway_sdxl_in_flight") > 0:  # bounded by the deadline
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 def test_b64_json_without_enhancement_and_n_split_over_jobs(client, gateway):
     prompt = "a red fox in the snow"
     r = client.images.generate(model=MODEL, prompt=prompt, n=5, size="64x64", response_format="b64_json",
@@ -173,13 +184,7 @@ def test_gateway_queue_bound_and_client_disconnect(engine, sdxl_workers, gateway
         assert err.value.response.headers["retry-after"] and err.value.body["code"] == "queue_full"
         thread.join()
         assert errors, "the slow request should have timed out on the client side"
-        deadline = time.monotonic() + 20
-        while _metric(worker.url, "mgm_sdxl_jobs_total", outcome="cancelled") <= cancelled:  # bounded
-            assert time.monotonic() < deadline, "the worker never saw the cancellation"
-            time.sleep(0.1)
-        while _metric(base, "mgm_gateway_sdxl_in_flight") > 0:  # bounded by the deadline
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        _wait_cancelled(worker.url, base, cancelled)
 
 
 def _events(lines) -> list[tuple[str, dict]]:  # type: ignore[no-untyped-def]
@@ -213,13 +218,7 @@ def test_stream_hang_up_cancels_the_sdxl_job(engine, sdxl_workers, gateway_serve
         (name, first), = _events(lines)
         assert name == first["type"] == "image_generation.partial_image" and first["partial_image_index"] == 0
         assert _img(base64.b64decode(first["b64_json"])).shape == (256, 256, 3)
-        deadline = time.monotonic() + 20
-        while _metric(worker.url, "mgm_sdxl_jobs_total", outcome="cancelled") <= cancelled:  # bounded
-            assert time.monotonic() < deadline, "the worker never saw the cancellation"
-            time.sleep(0.1)
-        while _metric(base, "mgm_gateway_sdxl_in_flight") > 0:  # bounded by the deadline
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        _wait_cancelled(worker.url, base, cancelled)
 
 
 class _SlowCaption(StubEngine):

@@ -8,16 +8,14 @@ fails loudly if the stack is found stopped anyway, rather than letting a test ti
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from support.redis_live import start_redis
-from support.serve_live import ALIAS, API_KEY, REPO, VLLM_ARGS, Serve, start_serve
+from support.serve_live import ALIAS, API_KEY, VLLM_ARGS, Serve, start_serve
 
+from loadtests import stack as harness
 from server.procs import free_port
 from server.supervisor import READY_PREFIX
 
@@ -87,29 +85,6 @@ def _backends(stack: Serve) -> tuple[str, str]:
     return ready["engines"][0]["url"], ready["workers"][0]["url"]
 
 
-def _start_gateway(engine: str, worker: str, store: str, log) -> tuple[subprocess.Popen, str]:  # type: ignore[no-untyped-def]
-    port = free_port()
-    cmd = [sys.executable, "-m", "server", "gateway", "--host", "127.0.0.1", "--port", str(port), "--engine", engine,
-           "--sdxl-worker", worker, "--image-store-timeout", "1", "--model-name", ALIAS]
-    env = {**os.environ, "MGM_API_KEYS": API_KEY, "MGM_IMAGE_STORE": store, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def _wait_ready(url: str, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # bounded
-        if proc.poll() is not None:
-            pytest.fail(f"gateway exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"gateway {url} not ready in 60 s")
-
-
 @pytest.fixture(scope="session")
 def replicas(serve_stack: Serve, tmp_path_factory):  # type: ignore[no-untyped-def]
     """Two more `mgm gateway` processes in front of the shared stack's engine and SDXL worker, sharing one real
@@ -117,22 +92,10 @@ def replicas(serve_stack: Serve, tmp_path_factory):  # type: ignore[no-untyped-d
     tmp = tmp_path_factory.mktemp("replicas")
     redis = start_redis(tmp)
     engine, worker = _backends(serve_stack)
-    procs, urls = [], []
-    with open(tmp / "gateways.log", "wb") as log:
-        try:
-            for _ in range(2):
-                proc, url = _start_gateway(engine, worker, redis.url, log)
-                procs.append(proc)
-                urls.append(url)
-            for proc, url in zip(procs, urls):
-                _wait_ready(url, proc)
-            yield redis, urls
-        finally:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-            redis.stop()
+    gateways = [harness.gateway(free_port(), [engine], [worker], tmp, name=f"replica-{i}",
+                              extra=["--image-store-timeout", "1", "--model-name", ALIAS]) for i in range(2)]
+    try:
+        with harness.running(gateways, timeout=60, env={"MGM_API_KEYS": API_KEY, "MGM_IMAGE_STORE": redis.url}):
+            yield redis, [harness.base_url(g) for g in gateways]
+    finally:
+        redis.stop()

@@ -15,8 +15,6 @@ import io
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from support.live import http_server
 from support.serve_live import ALIAS, API_KEY, REPO
 from support.stub_engine import StubEngine
 
+from loadtests import stack as harness
 from server.procs import free_port
 
 CHROMIUM = os.environ.get("MGM_CHROMIUM", "/usr/bin/chromium")
@@ -435,27 +434,9 @@ class _EndlessStory(StubEngine):
 def endless_gateway(tmp_path):  # type: ignore[no-untyped-def]
     """A real `mgm gateway` (its playground included) in front of :class:`_EndlessStory`."""
     handler = type("Endless", (_EndlessStory,), {"dropped": []})
-    with http_server(handler) as engine:
-        port = free_port()
-        log = open(tmp_path / "gateway.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "server", "gateway", "--port", str(port), "--engine", engine],
-                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 60
-            while True:  # bounded by the deadline
-                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "gateway.log").read_text()
-                try:
-                    if httpx.get(base + "/ready", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2)
-            yield base, handler
-        finally:
-            proc.terminate()
-            proc.wait(20)
-            log.close()
+    with http_server(handler) as engine, harness.running(
+            [harness.gateway(free_port(), [engine], [], tmp_path, name="endless-gateway")], timeout=60) as (gateway,):
+        yield harness.base_url(gateway), handler
 
 
 def test_stop_button_ends_a_streaming_answer(endless_gateway, browser):  # type: ignore[no-untyped-def]
