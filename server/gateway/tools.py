@@ -124,7 +124,7 @@ class ToolPlan:
 
     @staticmethod
     def stream(shaped: dict[str, Any], include_usage: bool) -> list[bytes]:
-        """A :meth:`shape`\ d completion as a chat stream (each call's arguments in one delta), then ``[DONE]``."""
+        """A completion shaped by :meth:`shape` as a chat stream (each call's arguments in one delta), then ``[DONE]``."""
         head = {"id": shaped.get("id"), "object": "chat.completion.chunk",
                 "created": shaped.get("created") or int(time.time()), "model": shaped.get("model")}
         events = []

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 from http.server import BaseHTTPRequestHandler
@@ -19,13 +21,14 @@ from reliability_table import FAULTS_JSON
 
 
 class _Files(BaseHTTPRequestHandler):
-    """/img.png, /slow.png (3 s), /huge.png (declares 50 MB, streams zeros), /huge-chunked.png (no length, streams
+    """/img.png, /slow.png (3 s), /held.png (answers when the test lets it: :meth:`FileServer.hold`), /huge.png (declares 50 MB, streams zeros), /huge-chunked.png (no length, streams
     zeros), /gzip-bomb.png (50 MB of zeros gzipped twice, ``Content-Encoding: gzip, gzip``), /text, /missing (404),
     /redirect?to=URL (302), /redirect-host?name=NAME (302 to http://NAME:<this port>/img.png), /loop (redirects to
     itself)."""
 
     protocol_version = "HTTP/1.1"
     seen: list[str] = []  # every request path (with query), in order
+    gate: threading.Event  # /held.png waits on it (set: answers at once)
     _bomb: bytes = b""
 
     def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
@@ -59,6 +62,9 @@ class _Files(BaseHTTPRequestHandler):
         elif url.path == "/slow.png":
             time.sleep(3)
             self._send(200, PNG)
+        elif url.path == "/held.png":
+            type(self).gate.wait(120)
+            self._send(200, PNG)
         elif url.path == "/huge.png":
             self._head(200, "image/png", {"Content-Length": str(50 * 1024 * 1024)})
             self._stream_zeros(chunked=False)
@@ -89,13 +95,25 @@ class _Files(BaseHTTPRequestHandler):
 class FileServer:
     base: str
     seen: list[str]  # paths requested so far
+    gate: threading.Event
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """/held.png answers only when the block ends: a request fetching it holds its admission slot exactly that
+        long, however slow the machine (a fixed delay raced the test on loaded CI)."""
+        self.gate.clear()
+        try:
+            yield
+        finally:
+            self.gate.set()
 
 
 @pytest.fixture(scope="session")
 def files() -> Iterator[FileServer]:
-    handler = type("Files", (_Files,), {"seen": []})
+    handler = type("Files", (_Files,), {"seen": [], "gate": threading.Event()})
+    handler.gate.set()
     with http_server(handler) as base:
-        yield FileServer(base, handler.seen)
+        yield FileServer(base, handler.seen, handler.gate)
 
 
 @pytest.fixture(scope="session")

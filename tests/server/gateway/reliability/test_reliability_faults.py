@@ -306,8 +306,9 @@ def _refused(base: str) -> bool:
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_0(engine, files, tmp_path, record):
-    """In flight at SIGTERM: a stream, and a request whose image takes 3 s to download (in flight at the gateway for
-    a known time, whatever the engine's speed). With a 20 s drain both finish; with a 0 s drain the slow one is cut.
+    """In flight at SIGTERM: a stream, and a request whose image download the test holds open (so it is in flight at
+    the signal whatever the machine's speed; with a 20 s drain it is let go just after the signal). With a 20 s drain
+    both finish; with a 0 s drain the held one is cut.
     Either way new connections are refused at once and the exit status is 0."""
     base_url, model = engine
     for drain_s in (20.0, 0.0):
@@ -315,7 +316,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(engine, files, tmp_path, 
         proc, gw = _start_gateway(base_url, drain_s, log)
         tag = f"sigterm-{drain_s}"
         slow = {"model": model, "max_tokens": 2, "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": f"{files.base}/slow.png?{tag}"}},
+            {"type": "image_url", "image_url": {"url": f"{files.base}/held.png?{tag}"}},
             {"type": "text", "text": "x"}]}]}
         slow_result: list[object] = []
 
@@ -325,6 +326,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(engine, files, tmp_path, 
             except httpx.HTTPError as exc:
                 slow_result.append(type(exc).__name__)
 
+        files.gate.clear()
         try:
             lines: list[str] = []
             thread = threading.Thread(target=send_slow)
@@ -338,6 +340,8 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(engine, files, tmp_path, 
                 proc.send_signal(signal.SIGTERM)
                 wait_for(lambda: _refused(gw), 5, "the gateway to stop accepting")
                 refused_s = time.monotonic() - t_term
+                if drain_s:
+                    files.gate.set()  # the held image arrives during the drain
                 try:
                     lines.extend(stream)
                 except httpx.HTTPError:
@@ -346,6 +350,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(engine, files, tmp_path, 
             rc = proc.wait(drain_s + 15)
             exit_s = time.monotonic() - t_term
         finally:
+            files.gate.set()
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(30)
@@ -355,7 +360,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(engine, files, tmp_path, 
             assert slow_result == [200], slow_result
             assert lines[-1] == "data: [DONE]" and sum('"finish_reason":"length"' in x for x in lines) == 1, lines[-3:]
             record("SIGTERM to `mgm gateway` with requests in flight (drain timeout 20 s)",
-                   "stops accepting at once; the stream and the 3 s request finish in full; exit 0",
+                   "stops accepting at once; the stream and the request with a held image finish in full; exit 0",
                    refused_new_connections_after_s=round(refused_s, 2), exit_after_s=round(exit_s, 1))
         else:
             assert slow_result and slow_result[0] != 200 and exit_s < 5, (slow_result, exit_s)

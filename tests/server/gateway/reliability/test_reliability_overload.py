@@ -14,10 +14,10 @@ from test_reliability_faults import chat, metric, wait_for
 from server.gateway.config import GatewayConfig, ImagePolicy
 
 
-def _slow(files, model: str) -> dict:  # type: ignore[no-untyped-def,type-arg]
-    """A request that holds its admission slot for 3 s: its image comes from a server that takes 3 s."""
+def _held(files, model: str) -> dict:  # type: ignore[no-untyped-def,type-arg]
+    """A request that holds its admission slot while ``files.hold()`` lasts: its image is /held.png."""
     return {"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": f"{files.base}/slow.png"}}, {"type": "text", "text": "x"}]}]}
+        {"type": "image_url", "image_url": {"url": f"{files.base}/held.png"}}, {"type": "text", "text": "x"}]}]}
 
 
 def test_full_queue_is_429_before_any_image_fetch(engine, gateway_server, files, record):
@@ -28,30 +28,31 @@ def test_full_queue_is_429_before_any_image_fetch(engine, gateway_server, files,
         done: list[httpx.Response] = []
 
         def long_request() -> None:
-            done.append(httpx.post(gw + "/v1/chat/completions", json=_slow(files, model), timeout=120))
+            done.append(httpx.post(gw + "/v1/chat/completions", json=_held(files, model), timeout=120))
 
         holders = [threading.Thread(target=long_request) for _ in range(2)]
-        holders[0].start()
-        wait_for(lambda: metric(gw, "mgm_gateway_chat_in_flight") == 1, 10, "the first request to hold the slot")
-        holders[1].start()
-        wait_for(lambda: metric(gw, "mgm_gateway_chat_queue_depth") == 1, 10, "the second request to wait")
-        # full: one in flight, one waiting. The next request has a remote image: refused before it is fetched.
-        probe = f"{files.base}/img.png?overload-probe"
-        body = {"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": probe}}, {"type": "text", "text": "x"}]}]}
-        latencies = []
-        for _ in range(20):
-            t0 = time.perf_counter()
-            r = httpx.post(gw + "/v1/chat/completions", json=body, timeout=10)
-            latencies.append(time.perf_counter() - t0)
-            assert r.status_code == 429 and r.headers["retry-after"] == "2", r.text
-            assert r.json()["error"]["code"] == "queue_full" and r.json()["error"]["type"] == "rate_limit_error"
-        assert not any("overload-probe" in p for p in files.seen)  # never fetched
-        assert metric(gw, "mgm_gateway_rejected_total", route="/v1/chat/completions", reason="queue_full") == 20
-        # the images API shares the admission (its MGM re-caption call uses engine capacity too)
-        r = httpx.post(gw + "/v1/images/generations", json={"prompt": "a fox"}, timeout=10)
-        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full", r.text
-        assert metric(gw, "mgm_gateway_rejected_total", route="/v1/images/generations", reason="queue_full") == 1
+        with files.hold():  # both hold their place until the block ends
+            holders[0].start()
+            wait_for(lambda: metric(gw, "mgm_gateway_chat_in_flight") == 1, 10, "the first request to hold the slot")
+            holders[1].start()
+            wait_for(lambda: metric(gw, "mgm_gateway_chat_queue_depth") == 1, 10, "the second request to wait")
+            # full: one in flight, one waiting. The next request has a remote image: refused before it is fetched.
+            probe = f"{files.base}/img.png?overload-probe"
+            body = {"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": probe}}, {"type": "text", "text": "x"}]}]}
+            latencies = []
+            for _ in range(20):
+                t0 = time.perf_counter()
+                r = httpx.post(gw + "/v1/chat/completions", json=body, timeout=10)
+                latencies.append(time.perf_counter() - t0)
+                assert r.status_code == 429 and r.headers["retry-after"] == "2", r.text
+                assert r.json()["error"]["code"] == "queue_full" and r.json()["error"]["type"] == "rate_limit_error"
+            assert not any("overload-probe" in p for p in files.seen)  # never fetched
+            assert metric(gw, "mgm_gateway_rejected_total", route="/v1/chat/completions", reason="queue_full") == 20
+            # the images API shares the admission (its MGM re-caption call uses engine capacity too)
+            r = httpx.post(gw + "/v1/images/generations", json={"prompt": "a fox"}, timeout=10)
+            assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full", r.text
+            assert metric(gw, "mgm_gateway_rejected_total", route="/v1/images/generations", reason="queue_full") == 1
         for thread in holders:
             thread.join(120)
         assert [r.status_code for r in done] == [200, 200]  # the admitted and the queued one both complete
@@ -72,15 +73,16 @@ def test_waiting_too_long_is_503_with_retry_after(engine, gateway_server, files,
     with gateway_server(config) as gw:
         held: list[httpx.Response] = []
         holder = threading.Thread(target=lambda: held.append(httpx.post(gw + "/v1/chat/completions", timeout=120,
-                                                                        json=_slow(files, model))))
-        holder.start()
-        wait_for(lambda: metric(gw, "mgm_gateway_chat_in_flight") == 1, 10, "the first request to hold the slot")
-        t0 = time.perf_counter()
-        r = httpx.post(gw + "/v1/chat/completions", json=chat(gw, model, max_tokens=1), timeout=10)
-        waited = time.perf_counter() - t0
+                                                                        json=_held(files, model))))
+        with files.hold():
+            holder.start()
+            wait_for(lambda: metric(gw, "mgm_gateway_chat_in_flight") == 1, 10, "the first request to hold the slot")
+            t0 = time.perf_counter()
+            r = httpx.post(gw + "/v1/chat/completions", json=chat(gw, model, max_tokens=1), timeout=10)
+            waited = time.perf_counter() - t0
         assert r.status_code == 503, r.text[:300]
         assert r.headers["retry-after"] and r.json()["error"]["code"] == "queue_timeout"
-        assert 0.4 < waited < 3
+        assert 0.4 < waited < 10  # the holder never ends inside the block: answering at all proves the timeout
         holder.join(120)
         assert held[0].status_code == 200
         assert metric(gw, "mgm_gateway_chat_queue_depth") == 0 and metric(gw, "mgm_gateway_chat_in_flight") == 0
