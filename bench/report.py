@@ -17,6 +17,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -429,6 +430,33 @@ def small(data: dict) -> str:
                               "failed"], rows))
 
 
+def responses_api(data: dict) -> str:
+    """Chat completions against the Responses API on one gateway: medians over interleaved rounds, and ratios."""
+    ra = data.get("responses")
+    if not ra:
+        return ""
+    med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
+    summary = {name: {"rps": med([lv["request_throughput"] for lv in levels]),
+                      "ttft": med([lv["ttft_ms"]["p50"] for lv in levels if lv["ttft_ms"]["p50"] is not None]),
+                      "e2el": med([lv["e2el_ms"]["p50"] for lv in levels if lv["e2el_ms"]["p50"] is not None]),
+                      "failed": sum(lv["failed"] for lv in levels), "rounds": len(levels)}
+               for name, levels in ra["rounds"].items()}
+    chat = summary.get("chat")
+    labels = {"chat": "`/v1/chat/completions`", "responses": "`/v1/responses` (`store: true`)",
+              "responses-nostore": "`/v1/responses` (`store: false`)"}
+    rows = [[labels.get(name, name), m["rounds"], m["failed"], _f(m["rps"], 1), _f(m["ttft"]), _f(m["e2el"]),
+             _ratio(m["rps"], chat["rps"], 2) if chat else "-", _ratio(m["e2el"], chat["e2el"], 2) if chat else "-"]
+            for name, m in summary.items()]
+    return (f"Responses API against chat completions: the same requests (one distinct 64x64 PNG and the same text, "
+            f"32 output tokens with `ignore_eos`, streaming) to one gateway over one engine, closed loop at "
+            f"concurrency {ra['concurrency']}, {ra['requests']} requests per level, the three APIs interleaved in "
+            "rounds with fresh images per level (no engine cache serves one API what another sent); medians over "
+            "the rounds. `store: true` writes each response and its conversation (images inlined) to the in-memory "
+            "store.\n\n"
+            + markdown_table(["API", "rounds", "failed", "req/s", "TTFT p50 ms", "E2EL p50 ms", "req/s vs chat",
+                              "E2EL vs chat"], rows))
+
+
 def serving_section(data: dict) -> str:
     cfg = data["config"]
     phases = ", ".join(f"{k} {v:.0f} s" for k, v in data.get("phases_s", {}).items())
@@ -460,7 +488,7 @@ def serving_section(data: dict) -> str:
         + f"\n\n![open loop]({LINK}/serving_open_loop.png)",
         "### Other scenarios (concurrency 32)\n\n" + scenarios(data),
     ]
-    for extra in (small(data), mixed(data), hd(data), vllm_bench(data)):
+    for extra in (small(data), mixed(data), hd(data), vllm_bench(data), responses_api(data)):
         if extra:
             parts.append(extra)
     return "\n\n".join(parts) + "\n"

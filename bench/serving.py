@@ -10,7 +10,9 @@ Phases, each with its own servers on loopback (stopped before the next phase, so
    streaming, mixed any-to-any), and vLLM's own ``bench serve`` against the gateway and the engine;
 3. SDXL pool — the images API through a gateway with 1, 2 and 4 workers, and one worker without batching;
 4. HD — the tiny HD checkpoint (5 views per image) behind a gateway;
-5. small — baseline and engine again on a larger random checkpoint (8 layers, width 512), where compute counts.
+5. small — baseline and engine again on a larger random checkpoint (8 layers, width 512), where compute counts;
+6. responses — the same image requests through `/v1/responses` (stored and not) and `/v1/chat/completions` of one
+   gateway at concurrency 32, interleaved in rounds: what the Responses layer costs.
 
 Same checkpoint (the tiny random Llama), same template, same images (distinct 64² PNG per request), same fixed
 output length (``ignore_eos``, 32 tokens) and the same client for every system. Everything goes to
@@ -42,7 +44,7 @@ TINY_SDXL = Path(".cache/tiny-sdxl")
 SMALL = Path(".cache/small-mgm")
 SMALL_SPEC = {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "head_dim": 64, "intermediate_size": 1408}
 LOGS = Path(".cache/bench-logs")  # servers' logs and vLLM's raw result files (not committed)
-PHASES = ("baseline", "stack", "sdxl", "hd", "small")
+PHASES = ("baseline", "stack", "sdxl", "hd", "small", "responses")
 RESULT = "serving_cpu"
 
 
@@ -247,6 +249,28 @@ class Bench:
                 self.closed(g_base, s, c, "gateway") for c in self.args.hd_concurrency]}
 
 
+    def responses(self) -> None:
+        """Chat completions against the Responses API (``store`` true and false) on one gateway, same requests."""
+        p_engine, p_gateway = free_ports(2)
+        engine = stack.engine(TINY, p_engine, self.logs, name="engine-responses", extra=self.args.engine_arg)
+        gateway = stack.gateway(p_gateway, [stack.base_url(engine)], [], self.logs, name="gateway-responses")
+        with stack.running([engine, gateway]):
+            base = stack.base_url(gateway)
+            model = model_id(base)
+            apis = {"chat": ("image", True), "responses": ("responses", True), "responses-nostore": ("responses", False)}
+            c, n = self.args.responses_concurrency, self.args.responses_requests
+            rounds: dict[str, list[dict]] = {name: [] for name in apis}
+            for r in range(self.args.responses_rounds + 1):  # interleaved: drift in machine load hits all alike
+                for k, (name, (scen, store)) in enumerate(apis.items()):
+                    # fresh images for every level, so no engine cache serves one API what another API sent
+                    s = self.scenario(scen, model, store=store, seed=100 + 10 * r + k)
+                    if r == 0:
+                        self.warm(base, s)
+                    else:
+                        rounds[name].append(self.closed(base, s, c, "gateway", requests=n))
+        self.data["responses"] = {"concurrency": c, "requests": n, "rounds": rounds}
+
+
 def model_id(base: str) -> str:
     return httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
 
@@ -294,6 +318,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sdxl-requests", type=int, default=96)
     ap.add_argument("--hd-concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--hd-image-size", type=int, default=256)
+    ap.add_argument("--responses-concurrency", type=int, default=32)
+    ap.add_argument("--responses-requests", type=int, default=128)
+    ap.add_argument("--responses-rounds", type=int, default=3)
     ap.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
     ap.add_argument("--skip-vllm-bench", action="store_true")
     ap.add_argument("--engine-arg", action="append", default=[], metavar="ARG",
@@ -310,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
                       "phases_s": old.get("phases_s", {})}
     t0 = time.monotonic()
     steps = {"baseline": bench.baseline, "stack": bench.our_stack, "sdxl": bench.sdxl_pool, "hd": bench.hd,
-             "small": bench.small}
+             "small": bench.small, "responses": bench.responses}
     for name in args.phases:
         bench.phase(name, steps[name])
     bench.data["total_s"] = round(time.monotonic() - t0, 1)

@@ -65,6 +65,8 @@ def _read_json(data: dict[str, Any], result: RequestResult) -> None:
     if "choices" in data:
         message = data["choices"][0].get("message") or {}
         result.images = len(message.get("images") or [])
+    elif data.get("object") == "response":  # the Responses API
+        result.images = sum(item.get("type") == "image_generation_call" for item in data.get("output") or [])
     else:  # images API
         result.images = len(data.get("data") or [])
     _usage(data, result)
@@ -76,6 +78,9 @@ def _usage(data: dict[str, Any], result: RequestResult) -> None:
     if "completion_tokens" in usage:
         result.output_tokens = int(usage["completion_tokens"])
         result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    elif "output_tokens" in usage:  # the Responses API's names
+        result.output_tokens = int(usage["output_tokens"])
+        result.prompt_tokens = int(usage.get("input_tokens") or 0)
 
 
 async def _read_stream(resp: aiohttp.ClientResponse, result: RequestResult, start: float) -> None:
@@ -95,6 +100,16 @@ async def _read_stream(resp: aiohttp.ClientResponse, result: RequestResult, star
         if "error" in data:
             result.error = str(data["error"])[:200]
             return
+        if "type" in data:  # a Responses API event (no [DONE]: the final response event ends the stream)
+            status = _responses_event(data, result, now, start, last)
+            if status == "delta":
+                chunks += 1
+                last = now
+            elif status == "failed":
+                return
+            elif status == "done":
+                usage_seen = done = True
+            continue
         if data.get("usage"):
             _usage(data, result)
             usage_seen = True
@@ -109,8 +124,29 @@ async def _read_stream(resp: aiohttp.ClientResponse, result: RequestResult, star
                     result.itl.append(now - last)
                 last = now
     if not done:
-        result.error = "stream ended without [DONE]"
+        result.error = "stream ended without [DONE] (or the Responses API's final response event)"
         return
     if not usage_seen:  # no usage chunk: one token per content chunk (what the engine sends)
         result.output_tokens = chunks
     result.ok = True
+
+
+def _responses_event(event: dict[str, Any], result: RequestResult, now: float, start: float,
+                     last: float | None) -> str | None:
+    """Account one Responses stream event: ``delta`` (a text delta, timed), ``done``, ``failed`` or None."""
+    kind = event["type"]
+    if kind == "response.output_text.delta" and event.get("delta"):
+        if last is None:
+            result.ttft = now - start
+        else:
+            result.itl.append(now - last)
+        return "delta"
+    if kind == "response.image_generation_call.completed":
+        result.images += 1
+    elif kind == "response.failed":
+        result.error = str((event.get("response") or {}).get("error"))[:200]
+        return "failed"
+    elif kind in ("response.completed", "response.incomplete"):
+        _usage(event.get("response") or {}, result)
+        return "done"
+    return None

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from loadtests.client import Request
 
-SCENARIOS = ("text", "image", "image-nostream", "hd", "images", "mixed")
+SCENARIOS = ("text", "image", "image-nostream", "hd", "images", "mixed", "responses")
 #: The mixed any-to-any scenario, per 20 requests: kind → count (interleaved, see :func:`mixed_kind`).
 MIX = {"chat-image": 10, "chat-text": 4, "any-to-any": 3, "images": 3}
 
@@ -57,6 +57,7 @@ class Scenario:
     sdxl_size: int = 64
     sdxl_steps: int = 4
     seed: int = 0
+    store: bool = True  # responses: keep each response in the gateway's store (the API's default)
 
     def __post_init__(self) -> None:
         if self.name not in SCENARIOS:
@@ -85,6 +86,15 @@ class Scenario:
         return self._chat(kind, [{"type": "image_url", "image_url": {"url": self._image(i)}},
                                  {"type": "text", "text": f"Describe picture {i} in detail."}], stream=stream)
 
+    def _responses(self, i: int) -> Request:
+        """The image scenario's request through ``/v1/responses``: the same image, text and output length."""
+        return Request("responses", "/v1/responses", {
+            "model": self.model, "stream": True, "store": self.store, "max_output_tokens": self.max_tokens,
+            "temperature": 0,
+            "ignore_eos": True, "input": [{"role": "user", "content": [
+                {"type": "input_image", "image_url": self._image(i)},
+                {"type": "input_text", "text": f"Describe picture {i} in detail."}]}]})
+
     def _images_api(self, i: int, enhance: bool) -> Request:
         return Request("images", "/v1/images/generations", {
             "model": self.image_model, "prompt": f"a lighthouse at dusk, painting number {i}", "n": 1,
@@ -100,6 +110,8 @@ class Scenario:
             return self._image_chat(i, "chat-image", stream=False)
         if self.name == "images":
             return self._images_api(i, enhance=False)
+        if self.name == "responses":
+            return self._responses(i)
         kind = mixed_kind(i)
         if kind == "chat-image":
             return self._image_chat(i, kind)

@@ -29,7 +29,7 @@ from server.gateway.any_to_any import add_gen_suffix
 from server.gateway.chat import ChatService, merge_turns
 from server.gateway.image_fetch import inline_images
 from server.gateway.image_generation import extract_caption
-from server.gateway.protocol import ChatCompletionRequest, ImageOptions
+from server.gateway.protocol import ENGINE_EXTRAS, ChatCompletionRequest, ImageOptions
 from server.gateway.responses_protocol import ImageGenerationTool, InputMessage, ResponsesRequest
 from server.store import Blob, BlobStore, StoreUnavailable
 
@@ -55,6 +55,7 @@ class Turn:
 
     req: ResponsesRequest
     body: dict[str, Any]
+    conversation: list[dict[str, Any]]  # the turns stored for a follow-up: all but this turn's instructions
     input_items: list[dict[str, Any]]
     tool: ImageGenerationTool | None
     forced: bool  # tool_choice asks for an image even when MGM writes no caption
@@ -194,13 +195,18 @@ class ResponsesService:
                 parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
                 first_user["content"] = [{"type": "image_url", "image_url": {
                     "url": "data:image/png;base64," + previous_image}}, *parts]
+        # instructions are this turn's only: the stored conversation leaves them out (as OpenAI's does), so a
+        # follow-up's own instructions replace them instead of stacking
         system = [{"role": "system", "content": req.instructions}] if req.instructions else []
-        messages = merge_turns(system + history + new)
-        body: dict[str, Any] = {"model": req.model, "messages": messages}
+        conversation = merge_turns(history + new)
+        body: dict[str, Any] = {"model": req.model, "messages": merge_turns(system + conversation)}
         for src, dst in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"), ("top_p", "top_p"),
                          ("seed", "seed"), ("stop", "stop"), ("user", "user")):
             if (value := getattr(req, src)) is not None:
                 body[dst] = value
+        # vLLM's sampling extras pass through as on chat (e.g. ignore_eos for a fixed output length); the rest of the
+        # unknown fields are dropped
+        body.update({k: v for k, v in (req.model_extra or {}).items() if k in ENGINE_EXTRAS})
         fmt = req.text.format if req.text else None
         if fmt is not None and fmt.type == "json_schema":
             body["response_format"] = {"type": "json_schema", "json_schema": {
@@ -213,14 +219,16 @@ class ResponsesService:
             raise validation_error(exc.errors()) from None
         self.chat.check_prompt_length(checked.text_chars())
         if tool is not None:
-            add_gen_suffix(messages)
+            add_gen_suffix(conversation)
+            body["messages"] = merge_turns(system + conversation)
         body["add_special_tokens"] = True
         try:
             await inline_images(body, self.chat.config.images, self.chat.resolver, self.chat.metrics)
         except APIError as exc:
             exc.param = "input" if exc.param and exc.param.startswith("messages") else exc.param
             raise
-        return Turn(req, body, [s for _, s in converted], tool, forced, previous_image)
+        # the image parts are shared with the conversation, which is stored with them inlined
+        return Turn(req, body, conversation, [s for _, s in converted], tool, forced, previous_image)
 
     # --- the response object -----------------------------------------------------------------------------------
 
@@ -249,8 +257,7 @@ class ResponsesService:
         """Store the turn (when asked): the response, its input items, the conversation and its last image."""
         if not turn.req.store:
             return
-        history = list(turn.body["messages"])
-        history.append({"role": "assistant", "content": answer})
+        history = [*turn.conversation, {"role": "assistant", "content": answer}]
         await self._save({"response": response, "input_items": turn.input_items, "messages": history,
                           "image": image or turn.previous_image})
 

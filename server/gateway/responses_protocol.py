@@ -56,10 +56,16 @@ class ImageGenerationTool(_Open):
     partial_images: int | None = Field(default=None, ge=0, le=3)
     moderation: Literal["auto", "low"] | None = None
     model: str | None = None
+    # extensions, as on the images API (validated by ImageOptions)
+    seed: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
 
     def image_options(self) -> ImageOptions:
         """The shared image options (validated there too: ``transparent`` is refused like on the images API)."""
-        fields = self.model_dump(include={"size", "quality", "output_format", "output_compression", "background"},
+        fields = self.model_dump(include={"size", "quality", "output_format", "output_compression", "background",
+                                          "seed", "num_inference_steps", "guidance_scale", "negative_prompt"},
                                  exclude_none=True)
         return ImageOptions.model_validate({**fields, "response_format": "b64_json"})
 

@@ -51,12 +51,43 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+def _event(kind: str, **fields: object) -> bytes:
+    return f"event: {kind}\n".encode() + b"data: " + json.dumps({"type": kind, **fields}).encode() + b"\n\n"
+
+
+async def _responses(request: web.Request) -> web.StreamResponse:
+    """OpenAI's Responses shapes: the final object, or the event stream that ends with the response event."""
+    body = await request.json()
+    usage = {"input_tokens": 9, "output_tokens": 4, "total_tokens": 13}
+    done = {"object": "response", "status": "completed", "usage": usage, "output": [
+        {"type": "message", "content": [{"type": "output_text", "text": "abc"}]},
+        {"type": "image_generation_call", "result": "aGk="}]}
+    if not body.get("stream"):
+        await asyncio.sleep(GAP)
+        return web.json_response(done)
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    await resp.write(_event("response.created", response={"status": "in_progress"}))
+    await asyncio.sleep(GAP)
+    for piece in ("a", "b", "c"):
+        await resp.write(_event("response.output_text.delta", delta=piece))
+        await asyncio.sleep(GAP)
+    if body.get("model") == "failing":
+        await resp.write(_event("response.failed", response={"error": {"code": "server_error", "message": "boom"}}))
+        return resp
+    await resp.write(_event("response.image_generation_call.completed", item_id="ig_1"))
+    if body.get("model") != "truncated":
+        await resp.write(_event("response.completed", response=done))
+    return resp
+
+
 @pytest.fixture(scope="module")
 def server():
     """A real aiohttp server on 127.0.0.1 in a thread, speaking the OpenAI SSE shape with known timings."""
     loop = asyncio.new_event_loop()
     app = web.Application()
     app.router.add_post("/v1/chat/completions", _chat)
+    app.router.add_post("/v1/responses", _responses)
     runner = web.AppRunner(app)
     loop.run_until_complete(runner.setup())
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -70,10 +101,10 @@ def server():
     thread.join(5)
 
 
-def _send(base: str, body: dict) -> RequestResult:
+def _send(base: str, body: dict, path: str = "/v1/chat/completions") -> RequestResult:
     async def go() -> RequestResult:
         async with new_session() as session:
-            return await send(session, base, Request("chat", "/v1/chat/completions", body))
+            return await send(session, base, Request("chat", path, body))
     return asyncio.run(go())
 
 
@@ -97,6 +128,19 @@ def test_stream_events_timed_when_complete(server):
     r = _send(server, {"model": "split", "stream": True})
     assert r.ok and r.output_tokens == 2
     assert r.ttft > GAP * 0.8 and len(r.itl) == 1 and r.itl[0] < GAP / 2  # "b" came in the same write
+
+
+def test_responses_stream_and_object(server):
+    r = _send(server, {"model": "m", "stream": True}, "/v1/responses")
+    assert r.ok and r.error == "" and GAP * 0.8 < r.ttft < GAP * 4
+    assert len(r.itl) == 2 and all(GAP * 0.8 < g < GAP * 4 for g in r.itl)
+    assert (r.output_tokens, r.prompt_tokens, r.images) == (4, 9, 1)  # usage from the final response event
+    r = _send(server, {"model": "failing", "stream": True}, "/v1/responses")
+    assert not r.ok and "boom" in r.error
+    r = _send(server, {"model": "truncated", "stream": True}, "/v1/responses")
+    assert not r.ok and "ended" in r.error  # no final response event
+    r = _send(server, {"model": "m"}, "/v1/responses")
+    assert r.ok and (r.output_tokens, r.images) == (4, 1) and r.ttft == r.latency
 
 
 def test_non_streaming_and_http_errors(server):
@@ -157,5 +201,10 @@ def test_scenarios():
     assert img.path == "/v1/images/generations" and img.body["enhance_prompt"] is False
     kinds = {Scenario("mixed", "m").request(i).kind for i in range(20)}
     assert kinds == set(MIX)
+    resp = Scenario("responses", "m", max_tokens=7).request(2)
+    assert resp.path == "/v1/responses" and resp.stream and resp.body["max_output_tokens"] == 7
+    image, text = resp.body["input"][0]["content"]
+    assert image["image_url"] == Scenario("image", "m").request(2).body["messages"][0]["content"][0]["image_url"]["url"]
+    assert text["type"] == "input_text" and resp.body["ignore_eos"]
     with pytest.raises(ValueError):
         Scenario("nope", "m")

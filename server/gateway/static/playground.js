@@ -14,7 +14,9 @@
   const KEY_STORE = "mgm-playground-key";
 
   const state = {
-    history: [], // OpenAI messages of the conversation (without the system prompt)
+    // chat messages of the conversation (without the system prompt), and the id of its last stored response when
+    // it goes through the Responses API (the server then holds the conversation, images included)
+    conversation: { messages: [], responseId: null },
     attachments: [], // {url, name} data URLs waiting to be sent
     controller: null, // AbortController of the running chat request
   };
@@ -275,6 +277,85 @@
     return { ...body, ...extraBody() };
   }
 
+  // Chat content → Responses input parts.
+  function inputItem(message) {
+    const text = message.role === "assistant" ? "output_text" : "input_text";
+    const content = typeof message.content === "string" ? [{ type: text, text: message.content }]
+      : message.content.map((p) => (p.type === "image_url" ? { type: "input_image", image_url: p.image_url.url } : { type: text, text: p.text }));
+    return { role: message.role, content };
+  }
+
+  // The Responses request of a turn from the chat settings: only the new message when the server holds the
+  // conversation (a stored previous response), else every turn as input items. "Generate images" lists the
+  // image_generation tool with the image settings.
+  function responsesRequest(chat, conversation, turn, system) {
+    const { model, stream, temperature, top_p, max_tokens, seed, modalities, image_options, stream_options, ...extra } = chat;
+    const body = compact({
+      model, stream, temperature, top_p, seed, max_output_tokens: max_tokens, instructions: system,
+      previous_response_id: conversation.responseId || undefined, ...extra,
+    });
+    body.input = (conversation.responseId ? [turn] : [...conversation.messages, turn]).map(inputItem);
+    if (modalities) body.tools = [{ type: "image_generation", partial_images: 1, ...image_options }];
+    return body;
+  }
+
+  // What a streamed answer tells the page: text, images (previews too), usage, the end.
+  function chatEvent(ev, out) {
+    if (ev.data === "[DONE]") return true;
+    let chunk;
+    try { chunk = JSON.parse(ev.data); } catch { return false; }
+    const err = fromErrorBody(chunk, null);
+    if (ev.event === "error" || err) throw err || new APIError("The stream ended with an error.");
+    if (chunk.usage) out.usage = { tokens: chunk.usage.completion_tokens };
+    for (const choice of chunk.choices || []) {
+      if (choice.index) continue; // the page asks for one choice
+      const delta = choice.delta || {};
+      if (delta.content) out.text(delta.content);
+      if (Array.isArray(delta.images)) out.images.push(...delta.images);
+      if (choice.finish_reason) out.finish = choice.finish_reason;
+    }
+    return false;
+  }
+
+  function toolImage(item) {
+    return { caption: item.revised_prompt || "", image_url: { url: `data:image/${item.output_format || "png"};base64,${item.result}` } };
+  }
+
+  function responseDone(response, out) {
+    out.responseId = response.id;
+    out.usage = response.usage && { tokens: response.usage.output_tokens };
+    out.finish = response.status === "incomplete" ? "length" : "stop";
+  }
+
+  function responsesEvent(ev, out) {
+    let data;
+    try { data = JSON.parse(ev.data); } catch { return false; }
+    const err = fromErrorBody(data, null);
+    if (ev.event === "error" || err) throw err || new APIError("The stream ended with an error.");
+    switch (data.type) {
+      case "response.output_text.delta": out.text(data.delta || ""); break;
+      case "response.image_generation_call.partial_image": out.preview(data); break;
+      case "response.output_item.done":
+        if (data.item && data.item.type === "image_generation_call" && data.item.result) out.images.push(toolImage(data.item));
+        break;
+      case "response.failed": {
+        const e = (data.response && data.response.error) || {};
+        throw new APIError(e.message || "The response failed.", { code: e.code });
+      }
+      case "response.completed": case "response.incomplete": responseDone(data.response, out); return true;
+      default: break;
+    }
+    return false;
+  }
+
+  function parseResponse(payload, out) {
+    for (const item of payload.output || []) {
+      if (item.type === "message") out.text((item.content || []).map((p) => p.text || "").join(""));
+      else if (item.type === "image_generation_call" && item.result) out.images.push(toolImage(item));
+    }
+    responseDone(payload, out);
+  }
+
   async function send(event) {
     event?.preventDefault();
     if (state.controller) return;
@@ -291,8 +372,11 @@
       ? [...attachments.map((a) => ({ type: "image_url", image_url: { url: a.url } })), ...(text ? [{ type: "text", text }] : [])]
       : text;
     const turn = { role: "user", content };
-    const history = state.history; // "Clear chat" replaces it: a late answer must not leak into the new one
-    request.messages = [...(system ? [{ role: "system", content: system }] : []), ...history, turn];
+    const conversation = state.conversation; // "Clear chat" replaces it: a late answer must not leak into the new one
+    const history = conversation.messages;
+    const viaResponses = $("api").value === "responses";
+    if (viaResponses) request = responsesRequest(request, conversation, turn, system);
+    else request.messages = [...(system ? [{ role: "system", content: system }] : []), ...history, turn];
     $("prompt").value = "";
     state.attachments = [];
     renderAttachments();
@@ -311,51 +395,56 @@
     state.controller = controller;
     setBusy(true);
     const started = performance.now();
-    let answer = "", images = [], finish = null, usage = null;
+    let answer = "";
+    const out = { images: [], finish: null, usage: null, responseId: null, text: null, preview: null };
     // Re-rendering the whole answer per token is quadratic: paint at most once per frame, and give the browser a
     // turn every 50 ms even when the stream arrives faster than it is parsed (Stop and scrolling stay responsive).
     let painting = false, lastYield = performance.now();
     const paint = () => { painting = false; renderText(textNode, answer); scrollDown(); };
+    out.text = (piece) => {
+      answer += piece;
+      if (!painting) { painting = true; requestAnimationFrame(paint); }
+    };
+    let preview = null; // the image tool's latest partial image, replaced by the next one and by the final image
+    out.preview = (data) => {
+      preview?.remove();
+      const n = data.partial_image_index + 1;
+      preview = el("figure", { className: "preview" },
+        el("img", { src: `data:image/${data.output_format || "png"};base64,${data.partial_image_b64}`, alt: `Preview ${n} of the image being drawn` }),
+        el("figcaption", { textContent: `Drawing… preview ${n}` }));
+      botNode.append(preview);
+      scrollDown();
+    };
     try {
-      const response = await api("v1/chat/completions", request, controller.signal);
+      const response = await api(viaResponses ? "v1/responses" : "v1/chat/completions", request, controller.signal);
       if (request.stream) {
         for await (const ev of sseEvents(response)) {
           if (performance.now() - lastYield > 50) {
             await new Promise((resolve) => setTimeout(resolve, 0));
             lastYield = performance.now();
           }
-          if (ev.data === "[DONE]") break;
-          let chunk;
-          try { chunk = JSON.parse(ev.data); } catch { continue; }
-          const err = fromErrorBody(chunk, null);
-          if (ev.event === "error" || err) throw err || new APIError("The stream ended with an error.");
-          if (chunk.usage) usage = chunk.usage;
-          for (const choice of chunk.choices || []) {
-            if (choice.index) continue; // the page asks for one choice
-            const delta = choice.delta || {};
-            if (delta.content) {
-              answer += delta.content;
-              if (!painting) { painting = true; requestAnimationFrame(paint); }
-            }
-            if (Array.isArray(delta.images)) images.push(...delta.images);
-            if (choice.finish_reason) finish = choice.finish_reason;
-          }
+          if ((viaResponses ? responsesEvent : chatEvent)(ev, out)) break;
         }
       } else {
         const payload = await response.json();
-        const choice = (payload.choices || [])[0] || {};
-        answer = (choice.message && choice.message.content) || "";
-        images = (choice.message && choice.message.images) || [];
-        finish = choice.finish_reason;
-        usage = payload.usage;
-        renderText(textNode, answer);
+        if (viaResponses) parseResponse(payload, out);
+        else {
+          const choice = (payload.choices || [])[0] || {};
+          out.text((choice.message && choice.message.content) || "");
+          out.images.push(...((choice.message && choice.message.images) || []));
+          out.finish = choice.finish_reason;
+          out.usage = payload.usage && { tokens: payload.usage.completion_tokens };
+        }
       }
       paint(); // the last tokens, whether or not a frame came since
       history.push(turn, { role: "assistant", content: answer });
+      // chat turns are not stored: a later Responses turn sends the whole conversation again
+      conversation.responseId = out.responseId;
     } catch (err) {
       if (err.name === "AbortError") {
-        finish = "stopped";
+        out.finish = "stopped";
         if (answer) history.push(turn, { role: "assistant", content: answer });
+        conversation.responseId = null; // a stopped response is not stored: the next turn sends the whole conversation
       } else {
         // The turn was not answered: drop it from the conversation and give it back to the composer.
         userNode.classList.add("failed");
@@ -372,9 +461,11 @@
       setBusy(false);
       botNode.setAttribute("aria-busy", "false");
     }
+    preview?.remove();
+    const { images, finish, usage } = out;
     images.forEach((image, i) => botNode.append(figure(image, i)));
     const seconds = ((performance.now() - started) / 1000).toFixed(1);
-    const facts = [usage && `${usage.completion_tokens} tokens`, `${seconds} s`, finish && `finish: ${finish}`,
+    const facts = [usage && `${usage.tokens} tokens`, `${seconds} s`, finish && `finish: ${finish}`,
       images.length && `${images.length} image${images.length > 1 ? "s" : ""}`].filter(Boolean);
     if (!botNode.querySelector(".error")) { meta.textContent = facts.join(" · "); botNode.append(meta); }
     scrollDown();
@@ -383,7 +474,7 @@
 
   function clearChat() {
     state.controller?.abort();
-    state.history = [];
+    state.conversation = { messages: [], responseId: null };
     $("log").replaceChildren(el("p", { className: "empty", textContent: "New conversation." }));
     $("composer-error").hidden = true;
     $("prompt").focus();

@@ -52,6 +52,30 @@ def test_only_allow_listed_extras_reach_the_engine(recording_gateway, caplog):
     assert dropped and dropped[-1].fields == {"fields": "chat_template,kv_transfer_params,mm_processor_kwargs"}
 
 
+def test_responses_forwards_the_same_extras(recording_gateway):
+    body = {"model": "rec", "input": "Hi", "max_output_tokens": 3, "ignore_eos": True, "top_k": 7, "store": False,
+            "chat_template": "{{ 'pwned' }}"}
+    r = httpx.post(recording_gateway + "/v1/responses", json=body, timeout=10)
+    assert r.status_code == 200, r.text
+    got = _Recorder.bodies[-1]
+    assert (got["ignore_eos"], got["top_k"], got["max_tokens"]) == (True, 7, 3)
+    assert "chat_template" not in got and "store" not in got
+
+
+def test_responses_instructions_belong_to_their_turn(recording_gateway):
+    """As on OpenAI, a follow-up does not carry the previous turn's instructions: its own replace them."""
+    first = httpx.post(recording_gateway + "/v1/responses", json={
+        "model": "rec", "input": "Hi", "instructions": "Be brief."}, timeout=10)
+    assert first.status_code == 200, first.text
+    assert _Recorder.bodies[-1]["messages"][0] == {"role": "system", "content": "Be brief."}
+    second = httpx.post(recording_gateway + "/v1/responses", json={
+        "model": "rec", "input": "More", "instructions": "Be long.", "previous_response_id": first.json()["id"]},
+        timeout=10)
+    assert second.status_code == 200, second.text
+    assert [(m["role"], m["content"]) for m in _Recorder.bodies[-1]["messages"]] == [
+        ("system", "Be long."), ("user", "Hi"), ("assistant", "ok"), ("user", "More")]
+
+
 def test_the_clients_request_id_reaches_the_engine(recording_gateway):
     body = {"model": "rec", "messages": [{"role": "user", "content": "Hi"}]}
     for given, expect_own in (("trace-42.a:b", True), ("not a token", False), ("x" * 300, False)):

@@ -66,6 +66,7 @@ class Visit:
         self.page_errors: list[str] = []
         self.foreign: list[str] = []
         self.chat_bodies: list[dict] = []
+        self.responses_bodies: list[dict] = []
         self.page.on("pageerror", lambda exc: self.page_errors.append(str(exc)))
         self.page.on("request", self._request)
         self.page.goto(base + "/")
@@ -76,6 +77,8 @@ class Visit:
             self.foreign.append(url)
         if url.endswith("/v1/chat/completions"):
             self.chat_bodies.append(json.loads(request.post_data))
+        if url.endswith("/v1/responses"):
+            self.responses_bodies.append(json.loads(request.post_data))
 
     def login(self, key: str = API_KEY) -> None:
         self.page.fill("#api-key", key)
@@ -271,6 +274,66 @@ def test_chat_image_streaming_then_generated_image(stack, browser, tmp_path):  #
     assert [m["role"] for m in second["messages"]] == ["user", "assistant", "user"]
     assert second["messages"][0] == first["messages"][-1] and second["messages"][1]["content"] == answer
     visit.shot("chat-generation.png")
+    visit.close()
+
+
+def test_multi_turn_through_the_responses_api_with_the_image_tool(stack, browser, tmp_path):  # type: ignore[no-untyped-def]
+    """The "Responses" API setting: the first turn sends its image as an input_image, the next only its own
+    message and the stored response's id; with "Generate images" the image_generation tool draws inline."""
+    visit = Visit(browser, stack.base, height=1000)
+    page = visit.page
+    visit.login()
+    visit.wait_model()
+    page.select_option("#api", "responses")
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "24")
+    picked = tmp_path / "blue.png"
+    picked.write_bytes(_png((30, 60, 200)))
+    page.set_input_files("#file", str(picked))
+    page.wait_for_selector("#attachments li")
+    page.fill("#prompt", "What is in this picture?")
+    page.press("#prompt", "Enter")
+    _answer_done(page, 1)
+    first_answer = page.text_content(".msg.assistant .text")
+    assert page.locator(".msg.assistant .error").count() == 0, page.text_content(".msg.assistant")
+    assert re.search(r"\d+ tokens · [\d.]+ s · finish: (length|stop)", page.text_content(".msg.assistant .meta"))
+    first = visit.responses_bodies[-1]
+    assert first["stream"] is True and first["max_output_tokens"] == 24 and "previous_response_id" not in first
+    (item,) = first["input"]
+    assert item["role"] == "user" and item["content"][0]["type"] == "input_image"
+    assert item["content"][0]["image_url"].startswith("data:image/png;base64,")
+    assert item["content"][1] == {"type": "input_text", "text": "What is in this picture?"}
+
+    page.check("#gen")
+    page.fill("#gen-size", "64x64")
+    page.fill("#gen-steps", "2")
+    page.fill("#gen-seed", "3")
+    page.click("summary:has-text('Advanced')")
+    page.fill("#extra", json.dumps({"structured_outputs": {"regex": GEN_REGEX}}))
+    page.fill("#max-tokens", "64")  # room for the whole caption
+    page.fill("#prompt", "Draw a red fox in the snow")
+    page.press("#prompt", "Enter")
+    _answer_done(page, 2)
+    last = page.locator(".msg.assistant").nth(1)
+    assert last.locator(".error").count() == 0 and last.locator(".h-span").count() == 1, last.text_content()
+    caption = last.locator(".h-span").text_content()
+    img = last.locator("figure:not(.preview) img")
+    img.wait_for()
+    page.wait_for_function("(i) => i.complete && i.naturalWidth === 64 && i.naturalHeight === 64",
+                           arg=img.element_handle())
+    assert last.locator("figcaption").text_content() == "<h> " + caption[3:-4].strip()  # revised_prompt
+    assert last.locator("figure.preview").count() == 0 and "1 image" in last.locator(".meta").text_content()
+    second = visit.responses_bodies[-1]
+    assert second["previous_response_id"].startswith("resp_")
+    assert [i["content"] for i in second["input"]] == [[{"type": "input_text", "text": "Draw a red fox in the snow"}]]
+    assert second["tools"] == [{"type": "image_generation", "partial_images": 1, "size": "64x64",
+                                "num_inference_steps": 2, "seed": 3}]
+    # the server holds the conversation: the stored first turn is the one the page answered
+    with httpx.Client(base_url=stack.base, headers={"authorization": f"Bearer {API_KEY}"}, timeout=30) as http:
+        stored = http.get(f"/v1/responses/{second['previous_response_id']}")
+        assert stored.status_code == 200, stored.text
+        assert stored.json()["output"][0]["content"][0]["text"] == first_answer
+    visit.shot("chat-responses.png")
     visit.close()
 
 
