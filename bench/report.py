@@ -439,12 +439,15 @@ def responses_api(data: dict) -> str:
     summary = {name: {"rps": med([lv["request_throughput"] for lv in levels]),
                       "ttft": med([lv["ttft_ms"]["p50"] for lv in levels if lv["ttft_ms"]["p50"] is not None]),
                       "e2el": med([lv["e2el_ms"]["p50"] for lv in levels if lv["e2el_ms"]["p50"] is not None]),
-                      "failed": sum(lv["failed"] for lv in levels), "rounds": len(levels)}
+                      "failed": sum(lv["failed"] for lv in levels), "rounds": len(levels),
+                      "spread": (min(lv["request_throughput"] for lv in levels),
+                                 max(lv["request_throughput"] for lv in levels))}
                for name, levels in ra["rounds"].items()}
     chat = summary.get("chat")
     labels = {"chat": "`/v1/chat/completions`", "responses": "`/v1/responses` (`store: true`)",
               "responses-nostore": "`/v1/responses` (`store: false`)"}
-    rows = [[labels.get(name, name), m["rounds"], m["failed"], _f(m["rps"], 1), _f(m["ttft"]), _f(m["e2el"]),
+    rows = [[labels.get(name, name), m["rounds"], m["failed"], _f(m["rps"], 1),
+             f"{_f(m['spread'][0], 1)}–{_f(m['spread'][1], 1)}", _f(m["ttft"]), _f(m["e2el"]),
              _ratio(m["rps"], chat["rps"], 2) if chat else "-", _ratio(m["e2el"], chat["e2el"], 2) if chat else "-"]
             for name, m in summary.items()]
     return (f"Responses API against chat completions: the same requests (one distinct 64x64 PNG and the same text, "
@@ -453,8 +456,10 @@ def responses_api(data: dict) -> str:
             "rounds with fresh images per level (no engine cache serves one API what another sent); medians over "
             "the rounds. `store: true` writes each response and its conversation (images inlined) to the in-memory "
             "store.\n\n"
-            + markdown_table(["API", "rounds", "failed", "req/s", "TTFT p50 ms", "E2EL p50 ms", "req/s vs chat",
-                              "E2EL vs chat"], rows))
+            + markdown_table(["API", "rounds", "failed", "req/s (median)", "req/s (min–max)", "TTFT p50 ms",
+                              "E2EL p50 ms", "req/s vs chat", "E2EL vs chat"], rows)
+            + "\n\nOn 2 shared cores one level's throughput moves by tens of percent from round to round (the "
+              "min–max column); differences inside that spread are noise, not the cost of the API.")
 
 
 def serving_section(data: dict) -> str:
@@ -463,7 +468,9 @@ def serving_section(data: dict) -> str:
     parts = [
         "## Serving: our stack against the official serving path, CPU",
         f"Machine: {data['machine']}; measured {data['started']} in one run of `python -m bench.serving` "
-        f"(phases: {phases}). All servers are child processes on loopback, one phase at a time; the client "
+        f"(phases: {phases})" + "".join(f"; re-run on its own on {r['started']}: {', '.join(r['phases'])}"
+                                         for r in data.get("reruns", []))
+        + ". All servers are child processes on loopback, one phase at a time; the client "
         "(`loadtests/loadgen.py`, aiohttp) runs in its own process on the same cores.",
         "*Systems.* **baseline**: the official serving path re-created (`bench/baselines/official_server.py`): "
         "a FastAPI worker around HF transformers `generate(inputs_embeds=...)` with a `TextIteratorStreamer` in a "
