@@ -53,3 +53,7 @@ IMAGE_TOKEN_INDEX = -200
 GEN_SUFFIX = " <GEN>"
 #: The model writes the SDXL prompt between these tags.
 CAPTION_OPEN, CAPTION_CLOSE = "<h>", "</h>"
+
+#: ``mgm engine --sampling-defaults``: ``official`` = the official CLI's sampling (engine.serving.OFFICIAL_SAMPLING),
+#: ``checkpoint`` = the checkpoint's generation config as it is (vLLM's own behaviour).
+SAMPLING_DEFAULTS = ("official", "checkpoint")

@@ -5,7 +5,9 @@ quirks: the LLaMA-3 template uses the ``system`` header for the assistant role, 
 ``<|im_end|>``, Gemma closes an answer with ``<end_of_turn>\\n<eos>``. Each is described once, as a
 :class:`ConvTemplate`; both the Python renderer (:func:`render_prompt`) and the Jinja chat template
 (:func:`chat_template`) are generated from that description. Images become ``"<image>\\n"`` at the start of the
-user turn that carries them (training put the image first). The LLM tokenizers have no ``<image>`` token;
+user turn that carries them (training put the image first); a prompt with two or more images numbers them
+(``"Image 1:<image>"``, :func:`number_images`), and answers in the history are stripped, both as the official CLI
+does (docs/mgm.md §6). The LLM tokenizers have no ``<image>`` token;
 :func:`tokenize_official` splits on the literal string like ``tokenizer_image_token`` does.
 """
 
@@ -214,16 +216,28 @@ def _turns(
         text, n_images = content_to_text(message.get("content"))
         if n_images and role != "user":
             raise ValueError("images are only allowed in user messages")
+        if role == "assistant":  # the official CLI keeps its answers stripped in the conversation
+            text = text.strip()
         if i == 0 and system and template.merge_system:
             head = n_images * len(IMAGE_PLACEHOLDER + "\n") if template.system_placement == "after_images" else 0
             text = text[:head] + template.system.wrap(system) + text[head:]
         turns.append((role, text))
     if not turns:
         raise ValueError("messages need at least one user message")
-    if generate_image:
-        last_user = max(i for i, (role, _) in enumerate(turns) if role == "user")
-        turns[last_user] = ("user", turns[last_user][1] + GEN_SUFFIX)
+    if generate_image:  # every user turn of a generating conversation, as the official CLI's --gen
+        turns = [(role, text + GEN_SUFFIX if role == "user" and not text.endswith(GEN_SUFFIX) else text)
+                 for role, text in turns]
     return (None if template.merge_system else system), turns
+
+
+def number_images(prompt: str) -> str:
+    """The official CLI's rule for two or more images in a prompt: every ``<image>`` becomes ``Image k:<image>``
+    (k from 1, in prompt order); one image or none leaves the prompt as it is."""
+    pieces = prompt.split(IMAGE_PLACEHOLDER)
+    if len(pieces) < 3:
+        return prompt
+    return "".join(piece + (f"Image {k}:{IMAGE_PLACEHOLDER}" if k < len(pieces) else "")
+                   for k, piece in enumerate(pieces, start=1))
 
 
 def render_prompt(
@@ -235,12 +249,13 @@ def render_prompt(
 ) -> str:
     """Render chat messages into the official MGM prompt string.
 
-    ``generate_image`` appends :data:`GEN_SUFFIX` to the last user text, as the official CLI does with ``--gen``
-    (the worker's insertion point is buggy for most templates, docs/mgm.md §7, so the CLI behaviour is the reference).
+    ``generate_image`` appends :data:`GEN_SUFFIX` to every user text (unless it already ends with it), as the
+    official CLI does with ``--gen`` (the worker's insertion point is buggy for most templates, docs/mgm.md §7, so
+    the CLI behaviour is the reference).
     """
     conv = get_template(template)
     system, turns = _turns(messages, conv, generate_image)
-    return conv.render(system, turns, add_generation_prompt)
+    return number_images(conv.render(system, turns, add_generation_prompt))
 
 
 def _vocab_has(tokenizer_or_vocab: Any, token: str) -> bool:
@@ -348,6 +363,7 @@ _JINJA_COMMON = f"""
 {{%- set sys = none -%}}
 {{%- set msgs = messages -%}}
 {{%- endif -%}}
+{{%- set ns = namespace(out='') -%}}
 """.strip()
 
 _JINJA_CHECK = """
@@ -364,11 +380,26 @@ def _wrap(affix: Affix, expr: str) -> str:
     return " + ".join(part for part in parts if part)
 
 
+def _emit(expr: str) -> str:
+    """Append to the prompt being built (``ns.out``): the images are numbered once it is complete."""
+    return f"{{%- set ns.out = ns.out + {expr} -%}}"
+
+
+#: :func:`number_images` in Jinja, on the finished prompt.
+_JINJA_NUMBER_IMAGES = f"""
+{{%- set pieces = ns.out.split({_lit(IMAGE_PLACEHOLDER)}) -%}}
+{{%- if pieces | length > 2 -%}}
+{{%- for piece in pieces -%}}{{{{- piece -}}}}{{%- if not loop.last -%}}{{{{- 'Image ' ~ loop.index ~ {_lit(':' + IMAGE_PLACEHOLDER)} -}}}}{{%- endif -%}}{{%- endfor -%}}
+{{%- else -%}}{{{{- ns.out -}}}}
+{{%- endif -%}}
+""".strip()
+
+
 def _jinja_body(t: ConvTemplate) -> list[str]:
     """The lines after the common header: the Jinja twin of :meth:`ConvTemplate.render` and ``_turns``' merge."""
     lines = []
     if not t.merge_system:
-        lines.append(f"{{{{- {_wrap(t.system, f'({_lit(t.default_system)} if sys is none else sys)')} -}}}}")
+        lines.append(_emit(f"({_wrap(t.system, f'({_lit(t.default_system)} if sys is none else sys)')})"))
     lines += ["{%- for m in msgs -%}", _JINJA_CHECK]
     if t.merge_system:
         merged = _wrap(t.system, "sys")
@@ -380,15 +411,16 @@ def _jinja_body(t: ConvTemplate) -> list[str]:
     user = _wrap(t.user, "text")
     if t.later_user_prefix:
         user = f"('' if loop.first else {_lit(t.later_user_prefix)}) + {user}"
+    answer = _wrap(t.assistant, "(text | trim)")  # answers in the history are stripped
     lines += [
-        f"{{%- if m['role'] == 'user' -%}}{{{{- {user} -}}}}",
-        f"{{%- else -%}}{{{{- {_wrap(t.assistant, 'text')} -}}}}{{%- endif -%}}",
+        f"{{%- if m['role'] == 'user' -%}}{_emit(f'({user})')}",
+        f"{{%- else -%}}{_emit(f'({answer})')}{{%- endif -%}}",
         "{%- endfor -%}",
     ]
     if t.open_assistant:
         gen = _lit(t.open_assistant)
-        lines.append(f"{{%- if add_generation_prompt and msgs[-1]['role'] == 'user' -%}}{{{{- {gen} -}}}}{{%- endif -%}}")
-    return lines
+        lines.append(f"{{%- if add_generation_prompt and msgs[-1]['role'] == 'user' -%}}{_emit(gen)}{{%- endif -%}}")
+    return lines + [_JINJA_NUMBER_IMAGES]
 
 
 def chat_template(name: str) -> str:

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from engine.names import BACKBONES, TEMPLATE_NAMES
+from engine.names import BACKBONES, SAMPLING_DEFAULTS, TEMPLATE_NAMES
 from server.builder_cli import add_builder_options, run_builder
 from server.flags import SubParsers, add_flag
 
@@ -90,6 +90,10 @@ def _add_engine(sub: SubParsers, common: argparse.ArgumentParser) -> None:
              "no reserved core; or a list such as 0-6")
     add_flag(p, "--compile", env="MGM_ENGINE_COMPILE", action="store_true", default=False,
              help="CPU only: let vLLM compile the model instead of passing --enforce-eager")
+    add_flag(p, "--sampling-defaults", env="MGM_SAMPLING_DEFAULTS", choices=SAMPLING_DEFAULTS,
+             default=SAMPLING_DEFAULTS[0], help="defaults for requests that leave them unset: 'official' = the official CLI's "
+             "temperature 0.2, top_k 50 (or the checkpoint's), up to 512 new tokens; 'checkpoint' = the checkpoint's "
+             "generation_config.json as it is (vLLM's behaviour)")
     add_flag(p, "--serving-dir", env="MGM_SERVING_DIR", type=Path, shown_default="~/.cache/mgm/serving/<model hash>",
              help="where the chat template and generation config are written")
     p.add_argument("--dry-run", action="store_true", help="print the command and environment, do not start")
@@ -175,7 +179,7 @@ def run_engine(args: argparse.Namespace) -> int:
     model = args.model.resolve()
     serving_dir = args.serving_dir or Path.home() / ".cache" / "mgm" / "serving" / _path_hash(model)
     try:
-        files = prepare_serving_files(model, serving_dir, args.conv_template)
+        files = prepare_serving_files(model, serving_dir, args.conv_template, args.sampling_defaults)
         argv, env = engine_command(args, args.passthrough, files.chat_template, files.generation_config,
                                    dict(os.environ))
     except ValueError as exc:  # bad template name, bad flag value: the message names it
@@ -183,6 +187,7 @@ def run_engine(args: argparse.Namespace) -> int:
         return 2
     logger.info("starting vLLM OpenAI server", extra={"fields": {
         "model": str(model), "template": files.template, "stop_token_ids": list(files.stop_token_ids),
+        "sampling": files.sampling,
         "argv": " ".join(argv[1:]),
         **{k: env[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND") if k in env}}})
     if args.dry_run:

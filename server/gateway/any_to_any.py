@@ -1,7 +1,7 @@
 """Any-to-any chat: MGM's generation mode behind ``"modalities": ["text", "image"]`` (docs/api.md §1.2,
 docs/mgm.md §7).
 
-The official `` <GEN>`` suffix goes onto the last user turn; the model answers in text; the last complete
+The official `` <GEN>`` suffix goes onto every user turn (as the official CLI's ``--gen``); the model answers in text; the last complete
 ``<h>…</h>`` span of each choice is drawn by the SDXL pool and returned next to ``content`` as ``message.images``
 (streaming: one extra chunk with ``delta.images`` before the ``finish_reason`` chunk and the usage chunk). The gateway never makes the model write a
 caption: what the engine returns is what is used.
@@ -30,22 +30,23 @@ from server.gateway.protocol import ImageOptions
 logger = logging.getLogger("mgm.gateway")
 
 def add_gen_suffix(messages: list[dict[str, Any]]) -> None:
-    """Append the official `` <GEN>`` suffix to the text of the last user turn (in place)."""
-    for message in reversed(messages):
-        if message.get("role") != "user":
-            continue
+    """Append the official `` <GEN>`` suffix to the text of every user turn that lacks it (in place): the official
+    CLI's ``--gen`` marks every input of a generating conversation, so the history carries it."""
+    users = [m for m in messages if m.get("role") == "user"]
+    if not users:
+        raise APIError(400, "Generation mode (\"modalities\" with \"image\") needs a user message.",
+                       param="messages", code="invalid_value")
+    for message in users:
         content = message.get("content")
         if isinstance(content, str) or content is None:
-            message["content"] = (content or "") + GEN_SUFFIX
-        else:
-            texts = [p for p in content if p.get("type") == "text"]
-            if texts:
-                texts[-1]["text"] += GEN_SUFFIX
-            else:
-                content.append({"type": "text", "text": GEN_SUFFIX.strip()})
-        return
-    raise APIError(400, "Generation mode (\"modalities\" with \"image\") needs a user message.", param="messages",
-                   code="invalid_value")
+            if not (content or "").endswith(GEN_SUFFIX):
+                message["content"] = (content or "") + GEN_SUFFIX
+            continue
+        texts = [p for p in content if p.get("type") == "text"]
+        if not texts:
+            content.append({"type": "text", "text": GEN_SUFFIX.strip()})
+        elif not texts[-1]["text"].endswith(GEN_SUFFIX):
+            texts[-1]["text"] += GEN_SUFFIX
 
 
 def generation_options(body: dict[str, Any]) -> ImageOptions | None:

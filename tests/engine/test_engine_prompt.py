@@ -99,6 +99,36 @@ def test_system_messages():
         "<start_of_turn>user\n<image>\nBe brief.\n\nWhat is this?<end_of_turn>\n<start_of_turn>model\n")
 
 
+TWO_IMAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Same?"}]}]
+
+
+def test_several_images_are_numbered_as_the_official_cli():
+    """mgm/serve/cli.py: a prompt with two or more <image> gets "Image k:" in front of each, over the whole prompt."""
+    assert render_prompt(TWO_IMAGES, "vicuna_v1") == (
+        VICUNA_SYS + " USER: Image 1:<image>\nImage 2:<image>\nSame? ASSISTANT:")
+    assert render_prompt(Q, "vicuna_v1") == FIRST_TURN["vicuna_v1"]  # one image: unchanged
+    later = Q + [{"role": "assistant", "content": "A cat."}, {"role": "user", "content": Q[0]["content"]}]
+    assert render_prompt(later, "chatml_direct").count("Image ") == 2
+    assert "user\nImage 1:<image>\nWhat is this?" in render_prompt(later, "chatml_direct")
+    assert "user\nImage 2:<image>\nWhat is this?" in render_prompt(later, "chatml_direct")
+
+
+def test_answers_in_the_history_are_stripped():
+    """vLLM's Vicuna/Mixtral answers start with a space; the official conversation keeps answers stripped."""
+    spaced = Q + [{"role": "assistant", "content": " A cat.\n"}, {"role": "user", "content": "Color?"}]
+    for name in TEMPLATES:
+        assert render_prompt(spaced, name) == SECOND_TURN[name], name
+        assert _jinja_render(chat_template(name), spaced, True) == SECOND_TURN[name], name
+
+
+def test_generation_marks_every_user_turn():
+    """The official --gen appends " <GEN>" to every user input, so the history carries it; once is enough."""
+    prompt = render_prompt(Q2, "vicuna_v1", generate_image=True)
+    assert "What is this? <GEN> ASSISTANT: A cat.</s>USER: Color? <GEN> ASSISTANT:" in prompt
+    marked = [Q2[0], Q2[1], {"role": "user", "content": "Color?" + GEN_SUFFIX}]
+    assert render_prompt(marked, "vicuna_v1", generate_image=True) == prompt
+
+
 def test_generation_suffix_and_closed_conversations():
     assert render_prompt(Q, "vicuna_v1", generate_image=True).endswith("USER: <image>\nWhat is this? <GEN> ASSISTANT:")
     assert render_prompt(Q, "mistral_instruct", generate_image=True) == "[INST] <image>\nWhat is this? <GEN> [/INST]"
@@ -153,6 +183,7 @@ CONVERSATIONS = [
                                    {"type": "image"}, {"type": "text", "text": "b"}]}],
     [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
     [{"role": "system", "content": [{"type": "text", "text": "Sys"}]}, {"role": "user", "content": "plain"}],
+    Q + [{"role": "assistant", "content": " A cat. "}, {"role": "user", "content": Q[0]["content"]}],
 ]
 
 

@@ -41,6 +41,23 @@ def test_serving_files(tiny_checkpoint, tiny_tokenizer, tmp_path, backbone):
         prepare_serving_files(tiny_checkpoint(backbone), tmp_path / "bad", template="alpaca")
 
 
+def test_official_sampling_defaults_reach_vllm(tiny_checkpoint, tmp_path):
+    """The official CLI samples at temperature 0.2 with up to 512 new tokens (HF's top_k 50): written into the
+    generation config, read back the way vLLM reads its defaults (non-default values of GenerationConfig)."""
+    from vllm.transformers_utils.config import try_get_generation_config
+
+    files = prepare_serving_files(tiny_checkpoint("llama"), tmp_path / "official")
+    diff = try_get_generation_config(str(tmp_path / "official"), trust_remote_code=False).to_diff_dict()
+    assert {k: diff.get(k) for k in ("temperature", "top_k", "max_new_tokens", "do_sample")} == {
+        "temperature": 0.2, "top_k": 50, "max_new_tokens": 512, "do_sample": True}
+    assert files.sampling == {"temperature": 0.2, "top_k": 50, "max_new_tokens": 512}
+    kept = prepare_serving_files(tiny_checkpoint("llama"), tmp_path / "kept", sampling="checkpoint")
+    data = json.loads((tmp_path / "kept" / "generation_config.json").read_text())
+    assert not {"temperature", "top_k", "max_new_tokens"} & set(data) and kept.sampling == {}
+    with pytest.raises(ValueError, match="unknown sampling defaults"):
+        prepare_serving_files(tiny_checkpoint("llama"), tmp_path / "bad", sampling="greedy")
+
+
 # --- one real server ----------------------------------------------------------------------------------------------
 
 
@@ -111,6 +128,22 @@ def test_openai_server_image_chat(tiny_checkpoint, tiny_tokenizer, tmp_path):
             "model": model.name, "max_tokens": 1,
             "messages": [{"role": "user", "content": [content[0]] * 3 + [content[1]]}]})
         assert status == 400 and "At most 2 image" in json.dumps(reply)
+
+        # Two images: the official CLI's "Image k:" numbering, with the official ids.
+        status, reply = _post(base + "/v1/chat/completions", {
+            "model": model.name, "messages": [{"role": "user", "content": [content[0], content[0], content[1]]}],
+            "max_tokens": 1, "temperature": 0, "return_token_ids": True})
+        assert status == 200, reply
+        two = render_prompt([{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                                          {"type": "text", "text": "What is this?"}]}], "vicuna_v1")
+        assert "USER: Image 1:<image>\nImage 2:<image>\nWhat is this?" in two
+        official = expand_image_tokens(tokenize_official(tok, two)[0], 16, tok.unk_token_id)
+        assert reply["prompt_token_ids"] == official
+
+        # A request that sets nothing gets the official defaults: here, up to 512 new tokens.
+        status, reply = _post(base + "/v1/chat/completions", {
+            "model": model.name, "messages": [{"role": "user", "content": "Hi"}], "ignore_eos": True})
+        assert status == 200 and reply["usage"]["completion_tokens"] == 512, reply["usage"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

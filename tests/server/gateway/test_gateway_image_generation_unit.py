@@ -38,15 +38,21 @@ def test_stray_close_tag_after_the_last_span_is_not_a_caption():
     assert extract_caption("a <h>x</h> b </h>") == "x"
 
 
-def test_gen_suffix_goes_on_the_last_user_text():
+def test_gen_suffix_goes_on_every_user_text_once():
     messages = [{"role": "user", "content": "old"}, {"role": "assistant", "content": "ok"},
                 {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:"}},
                                              {"type": "text", "text": "draw it"}]}]
     add_gen_suffix(messages)
-    assert messages[0]["content"] == "old" and messages[2]["content"][1]["text"] == "draw it" + GEN_SUFFIX
+    assert messages[0]["content"] == "old" + GEN_SUFFIX and messages[2]["content"][1]["text"] == "draw it" + GEN_SUFFIX
+    assert messages[1]["content"] == "ok"
+    add_gen_suffix(messages)  # a stored conversation already carries it: not twice
+    assert messages[0]["content"] == "old <GEN>" and messages[2]["content"][1]["text"] == "draw it <GEN>"
     plain = [{"role": "user", "content": "a cat"}]
     add_gen_suffix(plain)
     assert plain[0]["content"] == "a cat <GEN>"
+    only_image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:"}}]}]
+    add_gen_suffix(only_image)
+    assert only_image[0]["content"][-1] == {"type": "text", "text": "<GEN>"}
 
 
 def test_sizes():
