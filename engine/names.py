@@ -57,3 +57,7 @@ CAPTION_OPEN, CAPTION_CLOSE = "<h>", "</h>"
 #: ``mgm engine --sampling-defaults``: ``official`` = the official CLI's sampling (engine.serving.OFFICIAL_SAMPLING),
 #: ``checkpoint`` = the checkpoint's generation config as it is (vLLM's own behaviour).
 SAMPLING_DEFAULTS = ("official", "checkpoint")
+#: ``mgm engine --llama3-bos``: how the ``llama_3`` prompt begins. ``double``: as the official code was when MGM-8B
+#: was released (its system string began with a literal ``<|begin_of_text|>``, so with the tokenizer's own BOS the
+#: ids start with two, docs/mgm.md §6.3); ``single``: as the official code is since commit 769820c.
+LLAMA3_BOS = ("double", "single")

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from engine.names import GEN_SUFFIX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, MODEL_TYPE_TO_FAMILY
+from engine.names import GEN_SUFFIX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, LLAMA3_BOS, MODEL_TYPE_TO_FAMILY
 
 IMAGE_PART_TYPES = frozenset({"image", "image_url", "input_image", "image_pil", "image_embeds"})
 TEXT_PART_TYPES = frozenset({"text", "input_text"})
@@ -153,11 +153,19 @@ TEMPLATES: dict[str, ConvTemplate] = {
 }
 
 
-def get_template(name: str) -> ConvTemplate:
+_LLAMA3_BOS_TEXT = "<|begin_of_text|>"
+
+
+def get_template(name: str, llama3_bos: str = LLAMA3_BOS[0]) -> ConvTemplate:
     try:
-        return TEMPLATES[name]
+        template = TEMPLATES[name]
     except KeyError:
         raise ValueError(f"unknown conversation template {name!r}; known: {sorted(TEMPLATES)}") from None
+    if llama3_bos not in LLAMA3_BOS:
+        raise ValueError(f"unknown llama3_bos {llama3_bos!r}; choose from {', '.join(LLAMA3_BOS)}")
+    if name == "llama_3" and llama3_bos == "double":
+        return replace(template, system=Affix(_LLAMA3_BOS_TEXT + template.system.prefix, template.system.suffix))
+    return template
 
 
 def stop_strings(template: str) -> tuple[str, ...]:
@@ -246,14 +254,16 @@ def render_prompt(
     *,
     add_generation_prompt: bool = True,
     generate_image: bool = False,
+    llama3_bos: str = LLAMA3_BOS[0],
 ) -> str:
     """Render chat messages into the official MGM prompt string.
 
+    ``llama3_bos`` picks the ``llama_3`` variant (:data:`engine.names.LLAMA3_BOS`; other templates ignore it).
     ``generate_image`` appends :data:`GEN_SUFFIX` to every user text (unless it already ends with it), as the
     official CLI does with ``--gen`` (the worker's insertion point is buggy for most templates, docs/mgm.md §7, so
     the CLI behaviour is the reference).
     """
-    conv = get_template(template)
+    conv = get_template(template, llama3_bos)
     system, turns = _turns(messages, conv, generate_image)
     return number_images(conv.render(system, turns, add_generation_prompt))
 
@@ -423,9 +433,9 @@ def _jinja_body(t: ConvTemplate) -> list[str]:
     return lines + [_JINJA_NUMBER_IMAGES]
 
 
-def chat_template(name: str) -> str:
+def chat_template(name: str, llama3_bos: str = LLAMA3_BOS[0]) -> str:
     """Jinja source of a template, equivalent to :func:`render_prompt` for well-formed messages."""
-    return "\n".join([_JINJA_COMMON, *_jinja_body(get_template(name))]) + "\n"
+    return "\n".join([_JINJA_COMMON, *_jinja_body(get_template(name, llama3_bos))]) + "\n"
 
 
 # --- rebuilding the official ids from a whole-prompt tokenisation --------------------------------------------------

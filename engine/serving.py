@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.names import SAMPLING_DEFAULTS
+from engine.names import LLAMA3_BOS, SAMPLING_DEFAULTS
 from engine.prompt import chat_template, choose_template, stop_strings, stop_token_ids
 
 logger = logging.getLogger(__name__)
@@ -38,11 +38,12 @@ class ServingFiles:
 
 
 def prepare_serving_files(model: str | Path, out: str | Path, template: str | None = None,
-                          sampling: str = "official") -> ServingFiles:
+                          sampling: str = SAMPLING_DEFAULTS[0], llama3_bos: str = LLAMA3_BOS[0]) -> ServingFiles:
     """Write ``chat_template.jinja`` and ``generation_config.json`` for ``model`` into ``out``.
 
     ``template`` overrides the automatic choice (:func:`engine.prompt.choose_template`: by backbone, then by the
-    tokenizer's special tokens); ``sampling`` is one of :data:`SAMPLING_DEFAULTS`.
+    tokenizer's special tokens); ``sampling`` is one of :data:`SAMPLING_DEFAULTS`, ``llama3_bos`` one of
+    :data:`LLAMA3_BOS` (the ``llama_3`` template's variant).
     """
     if sampling not in SAMPLING_DEFAULTS:
         raise ValueError(f"unknown sampling defaults {sampling!r}; choose from {', '.join(SAMPLING_DEFAULTS)}")
@@ -58,7 +59,7 @@ def prepare_serving_files(model: str | Path, out: str | Path, template: str | No
     out.mkdir(parents=True, exist_ok=True)
 
     template_path = out / "chat_template.jinja"
-    template_path.write_text(chat_template(name))
+    template_path.write_text(chat_template(name, llama3_bos))
 
     try:
         generation = GenerationConfig.from_pretrained(model)

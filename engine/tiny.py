@@ -124,7 +124,8 @@ def _corpus() -> list[str]:
         {"role": "assistant", "content": "A cat."},
         {"role": "user", "content": "Color?"},
     ]
-    return _CORPUS * 4 + [render_prompt(sample, name) for name in TEMPLATES] * 2
+    # llama3_bos fixed: the corpus (so every tiny tokenizer's merges) must not move with a serving default
+    return _CORPUS * 4 + [render_prompt(sample, name, llama3_bos="single") for name in TEMPLATES] * 2
 
 
 _LLAMA_SPECIALS = ["<unk>", "<s>", "</s>"]

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from engine.names import BACKBONES, SAMPLING_DEFAULTS, TEMPLATE_NAMES
+from engine.names import BACKBONES, LLAMA3_BOS, SAMPLING_DEFAULTS, TEMPLATE_NAMES
 from server.builder_cli import add_builder_options, run_builder
 from server.flags import SubParsers, add_flag
 
@@ -94,6 +94,10 @@ def _add_engine(sub: SubParsers, common: argparse.ArgumentParser) -> None:
              default=SAMPLING_DEFAULTS[0], help="defaults for requests that leave them unset: 'official' = the official CLI's "
              "temperature 0.2, top_k 50 (or the checkpoint's), up to 512 new tokens; 'checkpoint' = the checkpoint's "
              "generation_config.json as it is (vLLM's behaviour)")
+    add_flag(p, "--llama3-bos", env="MGM_LLAMA3_BOS", choices=LLAMA3_BOS, default=LLAMA3_BOS[0],
+             help="llama_3 template only: 'double' = a literal <|begin_of_text|> before the system header, as the "
+             "official code had when MGM-8B was released (two BOS ids with the tokenizer's own); 'single' = the "
+             "official code since (one BOS)")
     add_flag(p, "--serving-dir", env="MGM_SERVING_DIR", type=Path, shown_default="~/.cache/mgm/serving/<model hash>",
              help="where the chat template and generation config are written")
     p.add_argument("--dry-run", action="store_true", help="print the command and environment, do not start")
@@ -179,7 +183,8 @@ def run_engine(args: argparse.Namespace) -> int:
     model = args.model.resolve()
     serving_dir = args.serving_dir or Path.home() / ".cache" / "mgm" / "serving" / _path_hash(model)
     try:
-        files = prepare_serving_files(model, serving_dir, args.conv_template, args.sampling_defaults)
+        files = prepare_serving_files(model, serving_dir, args.conv_template, args.sampling_defaults,
+                                      args.llama3_bos)
         argv, env = engine_command(args, args.passthrough, files.chat_template, files.generation_config,
                                    dict(os.environ))
     except ValueError as exc:  # bad template name, bad flag value: the message names it

@@ -62,14 +62,18 @@ SECOND_TURN_TAILS = {  # verbatim from docs/mgm.md §6, after its "..."
 }
 
 
+# The strings above are the official code at HEAD, whose llama_3 begins with one BOS (the tokenizer's): our
+# "single" variant; the default, "double", is the code at MGM-8B's release (test_llama3_bos_variants).
+
+
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_first_turn_strings(name):
-    assert render_prompt(Q, name) == FIRST_TURN[name]
+    assert render_prompt(Q, name, llama3_bos="single") == FIRST_TURN[name]
 
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_second_turn_strings(name):
-    got = render_prompt(Q2, name)
+    got = render_prompt(Q2, name, llama3_bos="single")
     assert got == SECOND_TURN[name]
     if name in SECOND_TURN_TAILS:
         assert got.endswith(SECOND_TURN_TAILS[name])
@@ -92,7 +96,7 @@ def test_system_messages():
     assert render_prompt(sys_q, "vicuna_v1") == "Be brief. USER: <image>\nWhat is this? ASSISTANT:"
     assert render_prompt(sys_q, "chatml_direct").startswith("<|im_start|>system\nBe brief.<|im_end|><|im_start|>user\n")
     assert render_prompt(sys_q, "llama_3").startswith(
-        "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user")
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user")
     assert render_prompt(sys_q, "mistral_instruct") == "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n<image>\nWhat is this? [/INST]"
     # Gemma has no system slot: merged into the first user turn, after the image.
     assert render_prompt(sys_q, "gemma") == (
@@ -117,8 +121,22 @@ def test_answers_in_the_history_are_stripped():
     """vLLM's Vicuna/Mixtral answers start with a space; the official conversation keeps answers stripped."""
     spaced = Q + [{"role": "assistant", "content": " A cat.\n"}, {"role": "user", "content": "Color?"}]
     for name in TEMPLATES:
-        assert render_prompt(spaced, name) == SECOND_TURN[name], name
-        assert _jinja_render(chat_template(name), spaced, True) == SECOND_TURN[name], name
+        assert render_prompt(spaced, name, llama3_bos="single") == SECOND_TURN[name], name
+        assert _jinja_render(chat_template(name, "single"), spaced, True) == SECOND_TURN[name], name
+
+
+def test_llama3_bos_variants():
+    """--llama3-bos: "double" (default) is the official code when MGM-8B was uploaded, a literal <|begin_of_text|>
+    in front of the system header; "single" is the code since. Other templates are the same either way."""
+    for messages in (Q, Q2, [{"role": "system", "content": "Be brief."}] + Q):
+        single = render_prompt(messages, "llama_3", llama3_bos="single")
+        assert render_prompt(messages, "llama_3") == "<|begin_of_text|>" + single
+        for variant in ("double", "single"):
+            assert _jinja_render(chat_template("llama_3", variant), messages, True) == render_prompt(
+                messages, "llama_3", llama3_bos=variant)
+    assert chat_template("vicuna_v1", "single") == chat_template("vicuna_v1", "double")
+    with pytest.raises(ValueError, match="llama3_bos"):
+        render_prompt(Q, "llama_3", llama3_bos="triple")
 
 
 def test_generation_marks_every_user_turn():
