@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
 
 import torch
+from PIL import Image
 from torch import nn
 from transformers import BatchFeature
 
@@ -37,7 +38,8 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import ImageSize, MultiModalDataItems
+from vllm.multimodal.media import MediaWithBytes
+from vllm.multimodal.parse import ImageProcessorItems, ImageSize, MultiModalDataItems, MultiModalDataParser
 from vllm.multimodal.processing import (
     BaseDummyInputsBuilder,
     BaseMultiModalProcessor,
@@ -56,6 +58,7 @@ from engine.config import (
     validate_mm_config,
 )
 from engine.convnext import ConvNeXtTower
+from engine.media import exif_rotation_enabled, official_image
 from engine.names import FAMILY_TO_TEXT_ARCHITECTURE, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
 from engine.processor import MGMImageProcessor
 from engine.prompt import retokenize_official
@@ -76,6 +79,20 @@ def placeholder_token_id(tokenizer) -> int:  # type: ignore[no-untyped-def]
 
 
 # --- processing ----------------------------------------------------------------------------------------------------
+
+
+class MGMDataParser(MultiModalDataParser):
+    """vLLM's parser, except that images are taken as the official loader sees them (engine.media)."""
+
+    def _parse_image_data(self, data):  # type: ignore[no-untyped-def]
+        if data is None or self.is_embeddings(data):
+            return super()._parse_image_data(data)
+        items = [data] if isinstance(data, (Image.Image, MediaWithBytes)) else data
+        if not isinstance(items, (list, tuple)) or not all(
+                item is None or isinstance(item, (Image.Image, MediaWithBytes)) for item in items):
+            return super()._parse_image_data(data)  # arrays and tensors: vLLM's own handling
+        rotate = exif_rotation_enabled()
+        return ImageProcessorItems([official_image(item, rotate) for item in items])
 
 
 class MGMProcessingInfo(BaseProcessingInfo):
@@ -116,6 +133,11 @@ class MGMProcessingInfo(BaseProcessingInfo):
     @cached_property
     def placeholder_token_id(self) -> int:
         return placeholder_token_id(self.get_tokenizer())
+
+    def get_data_parser(self) -> MultiModalDataParser:
+        # images as the official loader sees them: no EXIF rotation, no compositing on white (engine.media)
+        return MGMDataParser(expected_hidden_size=self._get_expected_hidden_size(),
+                             allow_missing_mm_embeddings=self.allow_missing_mm_embeddings)
 
 
 class MGMDummyInputsBuilder(BaseDummyInputsBuilder[MGMProcessingInfo]):

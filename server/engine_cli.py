@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from engine.media import EXIF_ROTATE_ENV
 from engine.names import BACKBONES, LLAMA3_BOS, SAMPLING_DEFAULTS, TEMPLATE_NAMES
 from server.builder_cli import add_builder_options, run_builder
 from server.flags import SubParsers, add_flag
@@ -98,6 +99,9 @@ def _add_engine(sub: SubParsers, common: argparse.ArgumentParser) -> None:
              help="llama_3 template only: 'double' = a literal <|begin_of_text|> before the system header, as the "
              "official code had when MGM-8B was released (two BOS ids with the tokenizer's own); 'single' = the "
              "official code since (one BOS)")
+    add_flag(p, "--exif-rotate", env="MGM_EXIF_ROTATE", action="store_true", default=False,
+             help="rotate images by their EXIF orientation before the processor (vLLM's loader does; the official "
+             "code does not, so the default keeps the pixels as stored)")
     add_flag(p, "--serving-dir", env="MGM_SERVING_DIR", type=Path, shown_default="~/.cache/mgm/serving/<model hash>",
              help="where the chat template and generation config are written")
     p.add_argument("--dry-run", action="store_true", help="print the command and environment, do not start")
@@ -145,6 +149,7 @@ def engine_command(args: argparse.Namespace, vllm_args: Sequence[str], chat_temp
         argv += ["--chat-template", str(chat_template)]
     if not _has_flag(vllm_args, "--generation-config"):
         argv += ["--generation-config", str(generation_config)]
+    env[EXIF_ROTATE_ENV] = "1" if args.exif_rotate else "0"  # read by the plugin's image parser (engine.media)
     if device == "cpu":
         if args.kv_cache_gib <= 0:
             raise ValueError(f"--kv-cache-gib must be positive, got {args.kv_cache_gib}")

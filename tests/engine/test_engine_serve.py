@@ -21,6 +21,7 @@ from engine.prompt import chat_template, render_prompt, tokenize_official
 from engine.serving import prepare_serving_files
 from server.procs import free_port
 from support.image_tokens import expand_image_tokens
+from support.official_images import rotated_jpeg, transparent_png
 
 
 @pytest.mark.parametrize("backbone", ["llama", "gemma", "mixtral"])
@@ -139,6 +140,29 @@ def test_openai_server_image_chat(tiny_checkpoint, tiny_tokenizer, tmp_path):
         assert "USER: Image 1:<image>\nImage 2:<image>\nWhat is this?" in two
         official = expand_image_tokens(tokenize_official(tok, two)[0], 16, tok.unk_token_id)
         assert reply["prompt_token_ids"] == official
+
+        # The pixels the official loader sees (engine.media): a transparent PNG and an EXIF-rotated JPEG answer
+        # exactly as their official convert('RGB') decodings do, and not as vLLM's white compositing would.
+        def first_logprobs(data: bytes) -> list:  # type: ignore[type-arg]
+            url = "data:image/png;base64," + base64.b64encode(data).decode()
+            status, reply = _post(base + "/v1/chat/completions", {
+                "model": model.name, "max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 5,
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                          {"type": "text", "text": "What is this?"}]}]})
+            assert status == 200, reply
+            return reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+
+        def png(image: Image.Image) -> bytes:
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            return buf.getvalue()
+
+        for data in (transparent_png(), rotated_jpeg()):
+            decoded = Image.open(io.BytesIO(data))
+            assert first_logprobs(data) == first_logprobs(png(decoded.convert("RGB"))), decoded.mode
+        composited = Image.alpha_composite(Image.new("RGBA", (40, 70), (255, 255, 255, 255)),
+                                           Image.open(io.BytesIO(transparent_png())))
+        assert first_logprobs(png(composited.convert("RGB"))) != first_logprobs(transparent_png())
 
         # A request that sets nothing gets the official defaults: here, up to 512 new tokens.
         status, reply = _post(base + "/v1/chat/completions", {

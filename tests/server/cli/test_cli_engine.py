@@ -63,6 +63,15 @@ def test_flags_env_and_user_overrides(tmp_path, monkeypatch):
         _command(["--model", str(tmp_path), "--device", "cpu", "--kv-cache-gib", "0"])
 
 
+def test_exif_rotation_is_an_opt_in(tmp_path, monkeypatch):
+    """The plugin's image parser reads MGM_EXIF_ROTATE in the vLLM process (engine.media): off unless asked."""
+    monkeypatch.delenv("MGM_EXIF_ROTATE", raising=False)
+    assert _command(["--model", str(tmp_path), "--device", "cpu"])[1]["MGM_EXIF_ROTATE"] == "0"
+    assert _command(["--model", str(tmp_path), "--exif-rotate"])[1]["MGM_EXIF_ROTATE"] == "1"
+    monkeypatch.setenv("MGM_EXIF_ROTATE", "yes")
+    assert _command(["--model", str(tmp_path)])[1]["MGM_EXIF_ROTATE"] == "1"
+
+
 def test_cli_errors(tmp_path, capsys):
     assert main(["engine", "--model", str(tmp_path / "nope")]) == 2
     assert "no config.json" in capsys.readouterr().err
