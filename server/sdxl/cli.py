@@ -67,11 +67,12 @@ def _add_sdxl_worker(sub: SubParsers, common: argparse.ArgumentParser) -> None:
     add_flag(p, "--device", env="MGM_SDXL_DEVICE", choices=DEVICES, default=d.device,
              help="auto: cuda when available")
     add_flag(p, "--dtype", env="MGM_SDXL_DTYPE", choices=DTYPES, default=d.dtype,
-             help="auto: bfloat16 (float16 without bf16 support) on CUDA, float32 on CPU")
+             help="auto: float16 on CUDA (the official pipeline's; the VAE decodes upcast), float32 on CPU")
     add_flag(p, "--attention", env="MGM_SDXL_ATTENTION", choices=ATTENTIONS, default=d.attention,
              help="auto: xformers on CUDA when installed, else PyTorch SDPA")
     add_flag(p, "--variant", env="MGM_SDXL_VARIANT", default=d.variant,
-             help="weights variant, e.g. fp16 for *.fp16.safetensors")
+             help="weights variant, e.g. fp16 for *.fp16.safetensors; auto: fp16 when running float16 and the "
+             "checkpoint has such files (the official setting), else the full-precision files")
     p.add_argument("--no-vae-slicing", dest="vae_slicing", action="store_false", default=d.vae_slicing,
                    help="decode a batch in one VAE call (more memory)")
     add_flag(p, "--threads", env="MGM_SDXL_THREADS", type=int, default=d.threads, shown_default="torch's default",

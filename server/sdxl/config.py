@@ -16,7 +16,7 @@ class WorkerConfig:
     device: str = "auto"
     dtype: str = "auto"
     attention: str = "auto"
-    variant: str | None = None
+    variant: str | None = "auto"
     vae_slicing: bool = True
     threads: int | None = None
     max_batch: int = 4  # images per pipeline call; also the largest n one request may ask for

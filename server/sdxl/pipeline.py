@@ -4,7 +4,8 @@ Official usage (docs/mgm.md §7): ``StableDiffusionXLPipeline.from_pretrained(..
 ``pipe(prompt, negative_prompt=common_neg_prompt)`` with diffusers' defaults (50 steps, guidance 5.0, 1024²). This
 module keeps those semantics and adds what serving needs:
 
-* dtype: bf16 on CUDA when supported, else fp16; fp32 on CPU (half precision is slow or unsupported there);
+* dtype and weights: the official fp16 with the fp16 weight variant on CUDA (when the checkpoint ships it), fp32 on
+  CPU (half precision is slow or unsupported there); ``--dtype bfloat16`` is one flag away;
 * attention: PyTorch SDPA (diffusers' default processor), xFormers on CUDA when it is importable;
 * VAE: SDXL's VAE overflows in fp16, so with fp16 weights it is kept in fp32 for good (no per-call up/down casts);
   slicing decodes a batch one image at a time, bounding the decoder's peak memory;
@@ -61,7 +62,7 @@ class PipelineOptions:
     device: str = "auto"
     dtype: str = "auto"
     attention: str = "auto"
-    variant: str | None = None  # e.g. "fp16" for checkpoints that ship *.fp16.safetensors
+    variant: str | None = "auto"  # "fp16" for *.fp16.safetensors; "auto": see resolve_variant
     vae_slicing: bool = True
     threads: int | None = None  # CPU intra-op threads; 1 is much faster for tiny models on a busy machine
 
@@ -140,15 +141,25 @@ def resolve_device(device: str) -> str:
 def resolve_dtype(dtype: str, device: str) -> Any:
     import torch
 
-    if dtype == "auto":
-        if device == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+    if dtype == "auto":  # the official pipeline's fp16 on a GPU (its VAE runs upcast, below); CPUs have no fp16 path
+        return torch.float16 if device == "cuda" else torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if dtype == "float16" and device == "cpu":
         raise ValueError("float16 is not supported on CPU; use float32 or bfloat16")
     return getattr(torch, dtype)
+
+
+def resolve_variant(variant: str | None, model: Path | str, dtype: Any) -> str | None:
+    """``auto``: the official ``variant="fp16"`` when running fp16 and the checkpoint ships ``*.fp16.*`` weights
+    (half the download and load), else the full-precision files; anything else is used as given."""
+    import torch
+
+    if variant != "auto":
+        return variant
+    if dtype == torch.float16 and any(Path(model).glob("*/*.fp16.safetensors")):
+        return "fp16"
+    return None
 
 
 def route_library_logs() -> None:
@@ -187,8 +198,8 @@ class SDXLRunner:
         kwargs: dict[str, Any] = {_dtype_kwarg(): self.dtype, "use_safetensors": True}
         # Without accelerate, diffusers would warn on every load that it falls back to this.
         kwargs["low_cpu_mem_usage"] = importlib.util.find_spec("accelerate") is not None
-        if options.variant:
-            kwargs["variant"] = options.variant
+        if variant := resolve_variant(options.variant, options.model, self.dtype):
+            kwargs["variant"] = variant
         pipe = StableDiffusionXLPipeline.from_pretrained(str(options.model), **kwargs)
         pipe.set_progress_bar_config(disable=True)
         pipe.to(self.device)
