@@ -38,6 +38,7 @@ from server.flags import SubParsers, add_flag, defaults
 from server.gateway import cli as gateway_cli
 from server.gateway.config import GatewayConfig
 from server.procs import Child, Watchdog, chat_curl, free_ports, kill_children, stop_children, stop_in_order
+from server.gateway.routing import ROUTING_POLICIES
 
 logger = logging.getLogger("mgm.serve")
 
@@ -65,6 +66,7 @@ class ServeConfig:
     sdxl_workers: int = 1  # 0 = no image generation
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # handed to the gateway in its environment only
     model_name: str | None = None  # the gateway's chat model alias
+    routing: str = "affinity"  # the gateway's --routing (server.gateway.routing)
     #: The gateway's image store URL (it may hold a password: handed over in the gateway's environment only).
     image_store: str | None = field(default=None, repr=False)
     cache_dir: Path = Path(".cache")  # tiny checkpoints, and logs unless logs_dir is given
@@ -104,6 +106,9 @@ def register(sub: SubParsers, common: argparse.ArgumentParser) -> None:
              "of the process list")
     add_flag(p, "--model-name", env="MGM_MODEL_NAME", default=d.model_name,
              help="extra id clients may use for the chat model")
+    add_flag(p, "--routing", env="MGM_ROUTING", choices=ROUTING_POLICIES, default=d.routing,
+             help="the gateway's engine choice: affinity (a conversation stays on the engine holding its image) or "
+             "least-loaded")
     add_flag(p, "--image-store", env="MGM_IMAGE_STORE", default=d.image_store, shown_default="memory://",
              help="where response_format=url images live: memory://, file:///path or redis://host:port/db")
     add_flag(p, "--cache-dir", env="MGM_CACHE_DIR", type=Path, default=d.cache_dir,
@@ -122,6 +127,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(
         model=args.model, image_model=args.image_model, host=args.host, port=args.port, engines=args.engines,
         sdxl_workers=args.sdxl_workers, api_keys=tuple(args.api_key), model_name=args.model_name,
+        routing=args.routing,
         image_store=args.image_store,
         cache_dir=args.cache_dir, logs_dir=args.logs_dir, ready_timeout_s=args.ready_timeout,
         stop_timeout_s=args.stop_timeout, log_level=args.log_level, log_format=args.log_format,
@@ -165,6 +171,7 @@ def plan_children(config: ServeConfig, model: Path, image_model: Path | None, ex
         gateway += [flag, child.ready_url.rsplit("/", 1)[0]]  # type: ignore[union-attr]
     if config.model_name:
         gateway += ["--model-name", config.model_name]
+    gateway += ["--routing", config.routing]
     children.append(Child("gateway", gateway, logs / "gateway.log", ready_url=f"{_base(config)}/ready"))
     return children
 

@@ -12,6 +12,7 @@ import signal
 
 from server.flags import SubParsers, add_flag, csv_list, defaults
 from server.gateway.config import GatewayConfig, ImagePolicy
+from server.gateway.routing import ROUTING_POLICIES
 
 logger = logging.getLogger("mgm.gateway")
 
@@ -73,6 +74,11 @@ def register(sub: SubParsers, common: argparse.ArgumentParser) -> None:
              default=gw.engine_error_threshold, help="consecutive 5xx answers after which an engine cools down")
     add_flag(p, "--engine-cooldown", env="MGM_ENGINE_COOLDOWN", type=float, default=gw.engine_cooldown_s,
              metavar="SECONDS", help="how long a cooling-down engine gets no traffic while another is up")
+    add_flag(p, "--routing", env="MGM_ROUTING", choices=ROUTING_POLICIES, default=gw.routing,
+             help="affinity: a conversation's requests go to the engine that holds its image (its prefix cache), "
+             "within a load bound; least-loaded: the engine with the fewest requests in flight")
+    add_flag(p, "--routing-epsilon", env="MGM_ROUTING_EPSILON", type=float, default=gw.routing_epsilon,
+             help="affinity: an engine takes a keyed request while its in-flight count stays within (1+ε) × the mean")
     add_flag(p, "--stream-keepalive", env="MGM_STREAM_KEEPALIVE", type=float, default=gw.stream_keepalive_s,
              metavar="SECONDS", help="SSE keep-alive comment interval while an any-to-any stream waits for SDXL")
     add_flag(p, "--chat-max-in-flight", env="MGM_CHAT_MAX_IN_FLIGHT", type=int, default=gw.chat_max_in_flight,
@@ -110,6 +116,7 @@ def run_gateway(args: argparse.Namespace) -> int:
             discover_interval_s=args.discover_interval, max_prompt_chars_per_token=args.max_prompt_chars_per_token,
             health_interval_s=args.health_interval, engine_error_threshold=args.engine_error_threshold,
             engine_cooldown_s=args.engine_cooldown, stream_keepalive_s=args.stream_keepalive,
+            routing=args.routing, routing_epsilon=args.routing_epsilon,
             images=ImagePolicy(timeout_s=args.image_fetch_timeout, max_bytes=args.max_image_bytes,
                                max_pixels=args.max_image_pixels, dns_timeout_s=args.image_dns_timeout,
                                allowed_ports=tuple(args.allowed_image_port),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from server.store import check_store_url
+from server.gateway.routing import ROUTING_POLICIES
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,8 @@ class GatewayConfig:
     #: for how long.
     engine_error_threshold: int = 3
     engine_cooldown_s: float = 5.0
+    routing: str = "affinity"  # server.gateway.routing.ROUTING_POLICIES
+    routing_epsilon: float = 0.25  # an engine takes a keyed request while in flight ≤ (1+ε) × the mean
     #: Any-to-any streams: an SSE comment this often while SDXL draws, so idle-timeout proxies keep the stream.
     stream_keepalive_s: float = 5.0
     #: > 0: engine/worker URLs with a DNS host stand for every address it resolves to (a headless Service),
@@ -114,6 +117,10 @@ class GatewayConfig:
             raise ValueError("health_interval_s and stream_keepalive_s must be > 0, engine_cooldown_s >= 0")
         if self.engine_error_threshold < 1:
             raise ValueError("engine_error_threshold must be >= 1")
+        if self.routing not in ROUTING_POLICIES:
+            raise ValueError(f"routing must be one of {', '.join(ROUTING_POLICIES)}, got {self.routing!r}")
+        if not 0 <= self.routing_epsilon <= 10:
+            raise ValueError("routing_epsilon must be within [0, 10]")
         if self.discover_interval_s < 0:
             raise ValueError("discover_interval_s must be >= 0")
         if not self.engines:

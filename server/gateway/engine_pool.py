@@ -1,4 +1,4 @@
-"""The engine pool: least-in-flight routing through leases, marking engines down on connection failures, background
+"""The engine pool: affinity or least-in-flight routing through leases (server.gateway.routing), marking engines down on connection failures, background
 re-probes, and (with ``discover_interval_s > 0``) DNS discovery of the engines behind a name
 (:mod:`server.gateway.discovery`). The pool owns each engine's in-flight count and its gauges
 (``mgm_gateway_engine_up``, ``mgm_gateway_engine_in_flight``), as the SDXL pool does for its workers.
@@ -22,6 +22,7 @@ import httpx
 from server.gateway.backends import Backend, BackendPool
 from server.gateway.discovery import Resolve
 from server.gateway.metrics import GatewayMetrics
+from server.gateway.routing import HashRing, bounded_choice
 
 logger = logging.getLogger("mgm.gateway.routing")
 
@@ -56,7 +57,8 @@ class EnginePool(BackendPool[Engine]):
     def __init__(self, urls: tuple[str, ...], client: httpx.AsyncClient, metrics: GatewayMetrics | None = None, *,
                  probe_interval_s: float = 2.0, probe_timeout_s: float = 2.0, discover_interval_s: float = 0.0,
                  resolve: Resolve | None = None, health_interval_s: float | None = None,
-                 error_threshold: int = ERROR_THRESHOLD, cooldown_s: float = COOLDOWN_S) -> None:
+                 error_threshold: int = ERROR_THRESHOLD, cooldown_s: float = COOLDOWN_S, routing: str = "affinity",
+                 routing_epsilon: float = 0.25) -> None:
         super().__init__(urls, Engine, logger, probe_interval_s=probe_interval_s,
                          discover_interval_s=discover_interval_s, resolve=resolve,
                          health_interval_s=health_interval_s)
@@ -64,6 +66,7 @@ class EnginePool(BackendPool[Engine]):
         self.metrics = metrics
         self.probe_timeout_s = probe_timeout_s
         self.error_threshold, self.cooldown_s = error_threshold, cooldown_s
+        self.routing, self.routing_epsilon, self.ring = routing, routing_epsilon, HashRing()
 
     @property
     def engines(self) -> list[Engine]:
@@ -118,11 +121,25 @@ class EnginePool(BackendPool[Engine]):
 
     # --- routing ---------------------------------------------------------------------------------------------------
 
-    def pick(self, exclude: set[Engine] | frozenset[Engine] = frozenset()) -> Engine | None:
+    def pick(self, exclude: set[Engine] | frozenset[Engine] = frozenset(), key: str | None = None) -> Engine | None:
+        """The engine for a request: by ``key`` on the ring under affinity routing (server.gateway.routing), else
+        the least loaded; engines cooling down only when nothing else is up."""
         candidates = [e for e in self.engines if e.up and e not in exclude]
         now = time.monotonic()
         candidates = [e for e in candidates if e.cooldown_until <= now] or candidates  # module docstring: back-off
-        return min(candidates, key=lambda e: e.in_flight) if candidates else None
+        if not candidates:
+            return None
+        if key is None or self.routing != "affinity":
+            engine, outcome = min(candidates, key=lambda e: e.in_flight), "unkeyed"
+        else:
+            self.ring.sync(e.url for e in self.engines)  # every known engine: a mark-down moves no other key
+            by_url = {e.url: e for e in candidates}
+            url, hit = bounded_choice(self.ring, key, {u: e.in_flight for u, e in by_url.items()}, self.routing_epsilon)
+            engine, outcome = by_url[url], "hit" if hit else "spill"
+            logger.debug("routed", extra={"fields": {"key": key[:16], "engine": engine.url, "outcome": outcome}})
+        if self.metrics is not None:
+            self.metrics.routing.labels(engine.url, outcome).inc()
+        return engine
 
     def answered(self, engine: Engine, status: int) -> None:
         """Record an engine's answer status for the error back-off (module docstring)."""
@@ -138,9 +155,10 @@ class EnginePool(BackendPool[Engine]):
             if self.metrics is not None:
                 self.metrics.engine_backoffs.inc()
 
-    def lease(self, exclude: set[Engine] | frozenset[Engine] = frozenset()) -> EngineLease | None:
-        """The least loaded up engine not in ``exclude``, counted in flight until the lease is released."""
-        engine = self.pick(exclude)
+    def lease(self, exclude: set[Engine] | frozenset[Engine] = frozenset(),
+              key: str | None = None) -> EngineLease | None:
+        """The engine :meth:`pick` chooses, counted in flight until the lease is released."""
+        engine = self.pick(exclude, key)
         if engine is None:
             return None
         engine.in_flight += 1

@@ -27,6 +27,9 @@ class GatewayMetrics:
         self.engine_backoffs = Counter("mgm_gateway_engine_backoffs",
                                        "Engine cool-downs after repeated 5xx answers (skipped while others are up)",
                                        registry=r)
+        self.routing = Counter("mgm_gateway_routing", "Engine choices: hit = the key's own engine, spill = the next "
+                               "one on the ring (load bound), unkeyed = least loaded", ["engine", "outcome"],
+                               registry=r)
         self.engine_crashes = Counter("mgm_gateway_engine_crashes",
                                       "Engine connections lost after a request was sent (the request may have "
                                       "crashed the engine)", registry=r)

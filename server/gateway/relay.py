@@ -44,6 +44,7 @@ from server.gateway.engine_pool import Engine, EngineLease, EnginePool
 from server.gateway.metrics import GatewayMetrics
 from server.gateway.middleware import new_request_id
 from server.gateway.streaming import EventStream
+from server.gateway.routing import routing_key, tag_images
 from server.gateway.upstream import (
     EngineClient,
     EngineConnectFailed,
@@ -89,8 +90,14 @@ class _Attempt:
     """One request's way through the engines: its id, the engines tried, connections lost after sending."""
 
     request_id: str
+    key: str | None = None  # the routing key (server.gateway.routing)
     tried: set[Engine] = field(default_factory=set)
     crashes: int = 0
+
+    @classmethod
+    def of(cls, body: dict[str, Any], request_id: str | None) -> _Attempt:
+        tag_images(body)
+        return cls(request_id or new_request_id(), routing_key(body))
 
 
 class _Upstream:
@@ -121,7 +128,7 @@ class ChatRelay:
         """Send ``body`` to the least loaded engine not tried yet; failures move on by the rule in the module
         docstring. The caller owns the returned upstream (close it)."""
         while True:  # bounded: every engine at most once
-            lease = self.pool.lease(attempt.tried)
+            lease = self.pool.lease(attempt.tried, attempt.key)
             if lease is None:
                 raise engine_unavailable(self.config.retry_after_s, attempt.request_id)
             engine = lease.engine
@@ -191,7 +198,7 @@ class ChatRelay:
                        path: str = CHAT_PATH) -> dict[str, Any]:
         """The engine's answer for ``body`` (JSON object) on ``path`` (chat completions, or the legacy text
         completions); ``request_id``: the caller's, else generated."""
-        attempt = _Attempt(request_id or new_request_id())
+        attempt = _Attempt.of(body, request_id)
         while True:  # bounded by _open: every engine at most once
             upstream = await self._open(body, attempt, path)
             if upstream.response.status_code != 200:
@@ -222,7 +229,7 @@ class ChatRelay:
                      request_id: str | None = None, path: str = CHAT_PATH) -> StreamingResponse:
         """An SSE response relaying the engine's stream for ``body`` (optionally through ``wrap``)."""
         body = {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
-        attempt = _Attempt(request_id or new_request_id())
+        attempt = _Attempt.of(body, request_id)
         timing = _StreamTiming(time.perf_counter())
         while True:  # bounded by _open: every engine at most once
             upstream = await self._open(body, attempt, path)

@@ -65,7 +65,8 @@ class Gateway:
         self.pool = EnginePool(cfg.engines, self.client, self.metrics, probe_interval_s=cfg.probe_interval_s,
                                discover_interval_s=cfg.discover_interval_s, resolve=self.resolver,
                                health_interval_s=cfg.health_interval_s, error_threshold=cfg.engine_error_threshold,
-                               cooldown_s=cfg.engine_cooldown_s)
+                               cooldown_s=cfg.engine_cooldown_s, routing=cfg.routing,
+                               routing_epsilon=cfg.routing_epsilon)
         await self.pool.probe_all()
         if cfg.sdxl_workers:
             self.sdxl = SDXLPool(cfg.sdxl_workers, self.client, self.metrics, max_in_flight=cfg.sdxl_max_in_flight,

@@ -52,7 +52,9 @@ def test_plan_passes_vllm_args_and_wires_the_gateway():
     assert engine[-4:] == ["--max-model-len", "512", "--port", "1"]
     gateway = children[-1].argv
     assert gateway.count("--engine") == 2 and gateway.count("--sdxl-worker") == 2
-    assert urls[0] in gateway and urls[3] in gateway and gateway[-2:] == ["--model-name", "alias"]
+    assert urls[0] in gateway and urls[3] in gateway and gateway[-4:] == ["--model-name", "alias", "--routing", "affinity"]
+    least = plan_children(serve_config(_args(["--routing", "least-loaded"])), Path("/c"), None, [], Path("/l"))
+    assert least[-1].argv[-2:] == ["--routing", "least-loaded"]
     assert children[-1].ready_url == "http://127.0.0.1:8123/ready"
     assert children[-1].log == Path("/logs/gateway.log")
 
