@@ -158,7 +158,8 @@ def test_failover_to_the_next_engine(engine, gateway_server):
     """An engine that was up but refuses connections is marked down and the request moves on; the client never
     sees the failure."""
     dead = f"http://127.0.0.1:{free_port()}"
-    with gateway_server(GatewayConfig(engines=(dead, engine[0]), probe_interval_s=60)) as base:
+    # least-loaded: ties go to the first listed, the dead one (affinity could pick the live one for this key)
+    with gateway_server(GatewayConfig(engines=(dead, engine[0]), probe_interval_s=60, routing="least-loaded")) as base:
         app_gateway = gateway_server.apps[base].state.gateway
         app_gateway.pool.engines[0].up = True  # as if it had answered before it died
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)

@@ -39,6 +39,9 @@ LONG_TOKENS = LONG["max_tokens"] * LONG["n"]
 LONGEST = {**LONG, "max_tokens": 3500}
 SPARE_ARGS = ("--max-model-len", "4096")
 
+#: Failover tests need the engine tried first to be the one listed first: least-loaded routing (ties: first listed).
+LISTED_FIRST = "least-loaded"
+
 
 def metric(url: str, name: str, **labels: str) -> float:
     total = 0.0
@@ -100,7 +103,7 @@ def spare(engine, engine_checkpoint, tmp_path_factory) -> Iterator[SpareEngine]:
 
 def test_engine_killed_mid_request_then_none_left_then_back(engine, spare, gateway_server, record):
     base_url, model = engine
-    both = GatewayConfig(engines=(spare.url, base_url), probe_interval_s=0.3)
+    both = GatewayConfig(engines=(spare.url, base_url), probe_interval_s=0.3, routing=LISTED_FIRST)
     only_spare = GatewayConfig(engines=(spare.url,), probe_interval_s=0.3)
     with gateway_server(both) as gw, gateway_server(only_spare) as solo:
         assert httpx.get(solo + "/ready", timeout=10).status_code == 200
@@ -512,7 +515,7 @@ def test_connect_timeout_fails_over(gateway_server, record):
     first = _fake()
     with _serve(good) as (good_url, _), _serve(first) as (url, server):
         port = server.server_address[1]
-        config = GatewayConfig(engines=(url, good_url), connect_timeout_s=0.5)
+        config = GatewayConfig(engines=(url, good_url), connect_timeout_s=0.5, routing=LISTED_FIRST)
         with gateway_server(config) as gw:
             pool = gateway_server.apps[gw].state.gateway.pool
             assert [e.up for e in pool.engines] == [True, True]
@@ -564,7 +567,8 @@ def test_request_that_crashes_engines_is_retried_once_and_named(gateway_server, 
     with contextlib.ExitStack() as stack:
         urls = [stack.enter_context(_serve(h))[0] for h in crashers]
         good_url = stack.enter_context(_serve(good))[0]
-        config = GatewayConfig(engines=(*urls, good_url), probe_interval_s=60)  # crashed engines stay down here
+        config = GatewayConfig(engines=(*urls, good_url), probe_interval_s=60,  # crashed engines stay down here
+                               routing=LISTED_FIRST)
         gw = stack.enter_context(gateway_server(config))
         r = _post(gw)
         assert r.status_code == 502, r.text
@@ -587,7 +591,8 @@ def test_engine_failing_fast_with_5xx_is_backed_off(gateway_server, record):
     bad = _fake(_fail_fast)
     good = _fake()
     with _serve(bad) as (bad_url, _), _serve(good) as (good_url, _):
-        config = GatewayConfig(engines=(bad_url, good_url), engine_error_threshold=2, engine_cooldown_s=30)
+        config = GatewayConfig(engines=(bad_url, good_url), engine_error_threshold=2, engine_cooldown_s=30,
+                               routing=LISTED_FIRST)
         with gateway_server(config) as gw:
             statuses = [_post(gw).status_code for _ in range(12)]
             pool = gateway_server.apps[gw].state.gateway.pool
