@@ -16,6 +16,7 @@ N in-vocabulary placeholder ids (the embeddings are merged by position, so their
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
 
@@ -61,7 +62,7 @@ from engine.convnext import ConvNeXtTower
 from engine.media import exif_rotation_enabled, official_image
 from engine.names import FAMILY_TO_TEXT_ARCHITECTURE, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
 from engine.processor import MGMImageProcessor
-from engine.prompt import retokenize_official
+from engine.retokenize import retokenize_official
 from engine.weights import StrictWeights
 
 #: Images per ConvNeXt + mining pass, to bound encoder memory: ConvNeXt-L's stage-0 MLP alone holds 768×384²
@@ -79,6 +80,17 @@ def placeholder_token_id(tokenizer) -> int:  # type: ignore[no-untyped-def]
 
 
 # --- processing ----------------------------------------------------------------------------------------------------
+
+
+#: Diagnostics: a file to which every run of the vision front end appends its image count, one line per run (to see
+#: that a repeated image is served from vLLM's caches instead of the towers). Unset: nothing is written.
+ENCODER_TRACE_ENV = "MGM_ENCODER_TRACE"
+
+
+def _trace_encoder(images: int) -> None:
+    if path := os.environ.get(ENCODER_TRACE_ENV):
+        with open(path, "a", encoding="ascii") as trace:  # one short append per call: lines never interleave
+            trace.write(f"{images}\n")
 
 
 class MGMDataParser(MultiModalDataParser):
@@ -330,6 +342,7 @@ class MGMForCausalLM(nn.Module, SupportsMultiModal, SupportsPP):
         pixel_values_aux = self._check_pixels("pixel_values_aux", pixel_values_aux, (3, g.hr_size, g.hr_size))
         if pixel_values.shape[0] != pixel_values_aux.shape[0]:
             raise ValueError(f"pixel_values has {pixel_values.shape[0]} images, pixel_values_aux {pixel_values_aux.shape[0]}")
+        _trace_encoder(pixel_values.shape[0])
         return self._encode_images(pixel_values, pixel_values_aux)  # (num_images, tokens_per_image, H)
 
     # -- language model -----------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ quirks: the LLaMA-3 template uses the ``system`` header for the assistant role, 
 user turn that carries them (training put the image first); a prompt with two or more images numbers them
 (``"Image 1:<image>"``, :func:`number_images`), and answers in the history are stripped, both as the official CLI
 does (docs/mgm.md §6). The LLM tokenizers have no ``<image>`` token;
-:func:`tokenize_official` splits on the literal string like ``tokenizer_image_token`` does.
+:func:`tokenize_official` splits on the literal string like ``tokenizer_image_token`` does
+(:mod:`engine.retokenize` rebuilds those ids from vLLM's one-pass ids).
 """
 
 from __future__ import annotations
@@ -308,7 +309,7 @@ def stop_token_ids(tokenizer: Any, template: str) -> list[int]:
     return [vocab[s] for s in get_template(template).stop if s in vocab]
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
+def encode_ids(tokenizer: Any, text: str) -> list[int]:
     out = tokenizer(text)
     ids = out["input_ids"] if isinstance(out, Mapping) or hasattr(out, "keys") else out.input_ids
     return list(ids)
@@ -325,7 +326,7 @@ def tokenize_official(
     ``image_token_id`` per image. Tokenising the whole string at once would give other ids at the boundaries
     (e.g. SentencePiece's dummy-prefix "▁" before the "\\n" that follows an image).
     """
-    chunks = [_encode(tokenizer, chunk) for chunk in prompt.split(IMAGE_PLACEHOLDER)]
+    chunks = [encode_ids(tokenizer, chunk) for chunk in prompt.split(IMAGE_PLACEHOLDER)]
     bos = getattr(tokenizer, "bos_token_id", None)
     offset = 1 if chunks[0] and bos is not None and chunks[0][0] == bos else 0
     ids: list[int] = list(chunks[0])
@@ -436,31 +437,3 @@ def _jinja_body(t: ConvTemplate) -> list[str]:
 def chat_template(name: str, llama3_bos: str = LLAMA3_BOS[0]) -> str:
     """Jinja source of a template, equivalent to :func:`render_prompt` for well-formed messages."""
     return "\n".join([_JINJA_COMMON, *_jinja_body(get_template(name, llama3_bos))]) + "\n"
-
-
-# --- rebuilding the official ids from a whole-prompt tokenisation --------------------------------------------------
-
-
-def adds_bos(tokenizer: Any) -> bool:
-    """Whether the tokenizer's default encoding starts with BOS (Llama, Mistral, Gemma: yes)."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    return bos is not None and _encode(tokenizer, "a")[:1] == [bos]
-
-
-def retokenize_official(
-    tokenizer: Any, token_ids: Sequence[int], image_token_id: int = IMAGE_TOKEN_INDEX
-) -> list[int]:
-    """Official ids (:func:`tokenize_official`) of a prompt that someone else already tokenised in one pass.
-
-    vLLM tokenises the whole prompt text before a model sees it, and ``"<image>"`` is no token of MGM tokenizers,
-    so its ids differ from the official ones at every image boundary. The text is recovered by decoding (special
-    tokens kept verbatim, no space clean-up) and tokenised again chunk by chunk. One leading BOS is taken as the
-    tokenizer's own (present with ``add_special_tokens=True``, absent for vLLM's chat default) and dropped first:
-    the official ids get exactly one from the first chunk either way. A BOS *written in the text* after it stays
-    text, so a template that emits one gets the official double BOS, as in the official code.
-    """
-    ids = list(token_ids)
-    if ids and adds_bos(tokenizer) and ids[0] == tokenizer.bos_token_id:
-        ids = ids[1:]
-    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    return tokenize_official(tokenizer, text, image_token_id)[0]

@@ -117,7 +117,7 @@ left right top bottom center middle front back inside outside above below near f
 """.strip().splitlines()
 
 
-def _corpus() -> list[str]:
+def tokenizer_corpus() -> list[str]:
     # Sentences plus each official template rendered once, so template words ("USER", "[INST]", "model") get pieces.
     sample = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
@@ -160,7 +160,7 @@ def build_tokenizer(backbone: Family, merges_target: int = 800):  # type: ignore
     # stable and byte fallback (any UTF-8 text encodes) works like Llama's SentencePiece model.
     trainer = trainers.BpeTrainer(vocab_size=merges_target, show_progress=False, special_tokens=specials)
     learner = shell(models.BPE(unk_token=unk))
-    learner.train_from_iterator(_corpus(), trainer)
+    learner.train_from_iterator(tokenizer_corpus(), trainer)
     learned = json.loads(learner.to_str())["model"]
     vocab: dict[str, int] = {s: i for i, s in enumerate(specials)}
     for b in range(256):

@@ -9,16 +9,15 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from engine.names import GEN_SUFFIX, IMAGE_TOKEN_INDEX, TEMPLATE_NAMES
 from engine.prompt import (
     TEMPLATES,
-    adds_bos,
     chat_template,
     choose_template,
     content_to_text,
     render_prompt,
-    retokenize_official,
     stop_strings,
     stop_token_ids,
     tokenize_official,
 )
+from engine.retokenize import adds_bos, retokenize_official
 from support.image_tokens import expand_image_tokens
 
 Q = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
