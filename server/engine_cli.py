@@ -28,6 +28,7 @@ VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 PLUGIN_ENTRY_POINT = "mgm"
 ENGINE_DEVICES = ("auto", "cpu", "gpu")
 DEFAULT_KV_CACHE_GIB = 2
+STRUCTURED_OUTPUTS_CONFIG = '{"backend": "xgrammar", "disable_any_whitespace": true}'
 TINY_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -150,6 +151,11 @@ def engine_command(args: argparse.Namespace, vllm_args: Sequence[str], chat_temp
     if not _has_flag(vllm_args, "--generation-config"):
         argv += ["--generation-config", str(generation_config)]
     env[EXIF_ROTATE_ENV] = "1" if args.exif_rotate else "0"  # read by the plugin's image parser (engine.media)
+    if not _has_flag(vllm_args, "--structured-outputs-config"):
+        # JSON under a schema (tool arguments, response_format) comes out compact, as OpenAI's: a grammar that allows
+        # whitespace anywhere lets a model fill its whole token budget with newlines before the JSON closes (vLLM
+        # takes this switch per engine only, not per request, and for the xgrammar and guidance backends only)
+        argv += ["--structured-outputs-config", STRUCTURED_OUTPUTS_CONFIG]
     if device == "cpu":
         if args.kv_cache_gib <= 0:
             raise ValueError(f"--kv-cache-gib must be positive, got {args.kv_cache_gib}")

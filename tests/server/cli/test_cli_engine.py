@@ -68,6 +68,10 @@ def test_exif_rotation_is_an_opt_in(tmp_path, monkeypatch):
     monkeypatch.delenv("MGM_EXIF_ROTATE", raising=False)
     assert _command(["--model", str(tmp_path), "--device", "cpu"])[1]["MGM_EXIF_ROTATE"] == "0"
     assert _command(["--model", str(tmp_path), "--exif-rotate"])[1]["MGM_EXIF_ROTATE"] == "1"
+    argv, _ = _command(["--model", str(tmp_path)])  # compact structured JSON unless the user configures it
+    assert argv[argv.index("--structured-outputs-config") + 1] == '{"backend": "xgrammar", "disable_any_whitespace": true}'
+    argv, _ = _command(["--model", str(tmp_path), "--structured-outputs-config", "{}"])
+    assert argv.count("--structured-outputs-config") == 1 and "{}" in argv
     monkeypatch.setenv("MGM_EXIF_ROTATE", "yes")
     assert _command(["--model", str(tmp_path)])[1]["MGM_EXIF_ROTATE"] == "1"
 
