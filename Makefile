@@ -69,6 +69,7 @@ bench: $(STAMP)
 	$(PY) -m bench.encoder --out BENCHMARKS.md
 	$(PY) -m bench.serving --out BENCHMARKS.md
 	$(PY) -m bench.images_cpu --out BENCHMARKS.md
+	$(PY) -m bench.affinity --out BENCHMARKS.md
 	$(PY) -m bench.report --out BENCHMARKS.md
 	$(PY) -m bench.gateway_memory --out RELIABILITY.md
 

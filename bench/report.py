@@ -590,6 +590,50 @@ def images_cpu_section(data: dict) -> str:
     )
 
 
+# ---- cache-aware routing (bench/affinity.py) ----------------------------------------------------------------------
+
+
+def affinity_section(data: dict) -> str:
+    cfg, pol = data["config"], data["policies"]
+    aff, least = pol.get("affinity"), pol.get("least-loaded")
+    rows = []
+    for name, lv in pol.items():
+        later = lv["later_p50_ms"]
+        rows.append([f"`{name}`", lv["requests"], lv["failed"], _f(lv["turn1_p50_ms"], 0), _f(later, 0),
+                     _ratio(lv["turn1_p50_ms"], later) if later else "-", _f(lv["hit_rate"], 2),
+                     _f(lv["request_throughput"], 2)])
+    targets = []
+    if aff and least:
+        speedup = aff["turn1_p50_ms"] / max(aff["later_p50_ms"], 1e-9)
+        ratio = aff["hit_rate"] / max(least["hit_rate"], 1e-9)
+        targets = [f"- affinity, turns 2-{cfg['turns']} p50 TTFT ≥ 5x lower than turn 1: **{speedup:.1f}x**, "
+                   + ("met" if speedup >= 5 else "missed"),
+                   f"- affinity's prefix-cache hit rate ≥ 1.8x least-loaded's: **{ratio:.2f}x**, "
+                   + ("met" if ratio >= 1.8 else "missed")]
+    return (
+        "## Cache-aware routing, CPU\n\n"
+        f"Machine: {data['machine']}; one run of `python -m bench.affinity` on {data['started']} "
+        f"({data['total_s']:.0f} s). Two `mgm engine` processes (vLLM CPU, prefix caching on) serve a checkpoint with "
+        "the released vision towers' sizes and random weights (`mgm build-tiny --vision real`: CLIP ViT-L/14-336 + "
+        "ConvNeXt-L, 576 image tokens, the tiny LLM), so a cold image costs the vision front end a real checkpoint "
+        f"pays; one `mgm gateway --routing POLICY` per policy in front of both. {cfg['conversations']} conversations "
+        f"x {cfg['turns']} turns, each opening with its own {cfg['image_size']}x{cfg['image_size']} image and a few "
+        "hundred words and resending its whole history every turn; in every round each conversation sends its next "
+        f"turn, in shuffled order, {cfg['in_flight']} requests in flight; {cfg['max_tokens']} output tokens per "
+        "turn. Each policy gets its own images. Hit rate: vLLM's prefix-cache hit tokens / queried tokens over both "
+        f"engines during that policy's requests. ε = {cfg['epsilon']}.\n\n"
+        + markdown_table(["routing", "requests", "failed", "turn 1 TTFT p50 ms", "turns 2+ TTFT p50 ms",
+                          "turn 1 / turns 2+", "prefix-cache hit rate", "req/s"], rows)
+        + ("\n\nTargets (issue #17):\n\n" + "\n".join(targets) if targets else "") + "\n"
+    )
+
+
+AFFINITY_PENDING = (
+    "## Cache-aware routing, CPU\n\n"
+    "Not measured yet: `python -m bench.affinity --out BENCHMARKS.md` (part of `make bench`) fills this section.\n"
+)
+
+
 # ---- SDXL UNet step, GPU (bench/sdxl_gpu.py) ------------------------------------------------------------------------
 
 
@@ -691,6 +735,7 @@ SECTIONS = (
     Section("images-cpu", "images_cpu", images_cpu_section),
     Section("sdxl-gpu", "sdxl_gpu", sdxl_gpu_section, pending=SDXL_GPU_PENDING),
     Section("sdxl-edit-gpu", "sdxl_edit_gpu", sdxl_edit_gpu_section, pending=SDXL_EDIT_GPU_PENDING),
+    Section("affinity-cpu", "affinity_cpu", affinity_section, pending=AFFINITY_PENDING),
 )
 NAMES = tuple(s.name for s in SECTIONS)
 

@@ -61,3 +61,5 @@ SAMPLING_DEFAULTS = ("official", "checkpoint")
 #: was released (its system string began with a literal ``<|begin_of_text|>``, so with the tokenizer's own BOS the
 #: ids start with two, docs/mgm.md §6.3); ``single``: as the official code is since commit 769820c.
 LLAMA3_BOS = ("double", "single")
+#: ``mgm build-tiny --vision``: the tiny towers, or the released checkpoints' tower sizes (engine.tiny.REAL_VISION).
+VISION_SIZES = ("tiny", "real")

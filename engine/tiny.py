@@ -45,7 +45,7 @@ from engine.config import (
     backbone_family,
     validate_mm_config,
 )
-from engine.names import BACKBONES, IMAGE_PLACEHOLDER, Family
+from engine.names import BACKBONES, IMAGE_PLACEHOLDER, VISION_SIZES, Family
 from engine.prompt import TEMPLATES, chat_template, render_prompt
 from engine.weights import Kind, official_weight_layout
 
@@ -93,6 +93,20 @@ class TinySpec:
     convnext_depths: tuple[int, ...] = (2, 2, 3, 2)
     convnext_dims: tuple[int, ...] = (16, 32, 48, 64)
     tokenizer_vocab: int = 800  # BPE merges target; the final vocab adds specials and 256 byte tokens
+
+
+#: The released checkpoints' vision towers (CLIP ViT-L/14-336, ConvNeXt-L, 8x8 mining windows: 576 tokens per
+#: image, HR side 768, HD 1536) with random weights: ``mgm build-tiny --vision real`` pairs them with the tiny LLM so
+#: that benchmarks pay the encoder cost real checkpoints pay (~2 GB of float32 weights).
+REAL_VISION = {"clip_hidden": 1024, "clip_layers": 24, "clip_heads": 16, "clip_mlp": 4096, "clip_image": 336,
+               "clip_patch": 14, "window": 8, "convnext_depths": (3, 3, 27, 3), "convnext_dims": (192, 384, 768, 1536)}
+
+
+def tiny_spec(vision: str = "tiny") -> TinySpec:
+    """The tiny checkpoint's sizes, with the real vision towers for ``vision="real"``."""
+    if vision not in VISION_SIZES:
+        raise ValueError(f"vision must be one of {VISION_SIZES}, got {vision!r}")
+    return TinySpec(**REAL_VISION) if vision == "real" else TinySpec()
 
 
 # --- tokenizer ------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from engine.media import EXIF_ROTATE_ENV
-from engine.names import BACKBONES, LLAMA3_BOS, SAMPLING_DEFAULTS, TEMPLATE_NAMES
+from engine.names import BACKBONES, LLAMA3_BOS, SAMPLING_DEFAULTS, TEMPLATE_NAMES, VISION_SIZES
 from server.builder_cli import add_builder_options, run_builder
 from server.flags import SubParsers, add_flag
 
@@ -51,6 +51,9 @@ def _add_build_tiny(sub: SubParsers, common: argparse.ArgumentParser) -> None:
     add_flag(p, "--backbone", env="MGM_TINY_BACKBONE", choices=BACKBONES, default=BACKBONES[0], help="LLM family")
     p.add_argument("--hd", action="store_true", help="HD variant: 2x2 crops + global view (image_grid=2)")
     p.add_argument("--dtype", choices=TINY_DTYPES, default=TINY_DTYPES[0])
+    p.add_argument("--vision", choices=VISION_SIZES, default=VISION_SIZES[0],
+                   help="real: the released checkpoints' vision tower sizes (CLIP ViT-L/14-336, ConvNeXt-L; random "
+                   "weights, ~2 GB) with the tiny LLM, for benchmarks that must pay the real encoder cost")
     p.add_argument("--legacy-names", action="store_true",
                    help="use the pre-rename names (MiniGemini*ForCausalLM, model_type mini_gemini*)")
     p.set_defaults(handler=run_build_tiny)
@@ -58,10 +61,10 @@ def _add_build_tiny(sub: SubParsers, common: argparse.ArgumentParser) -> None:
 
 def run_build_tiny(args: argparse.Namespace) -> int:
     def build(out: Path) -> None:
-        from engine.tiny import build_tiny  # heavy: torch, transformers, tokenizers
+        from engine.tiny import build_tiny, tiny_spec  # heavy: torch, transformers, tokenizers
 
         build_tiny(out, backbone=args.backbone, hd=args.hd, seed=args.seed, dtype=args.dtype,
-                   legacy_names=args.legacy_names, progress=sys.stderr.isatty())
+                   legacy_names=args.legacy_names, spec=tiny_spec(args.vision), progress=sys.stderr.isatty())
 
     return run_builder(args, build)
 

@@ -243,3 +243,18 @@ def test_image_visibly_changes_logits(tiny_checkpoint, tiny_tokenizer):
     assert 0.3 < a.std() < 3  # logits of sane scale
     # The two images move the next-token logits by a sizeable fraction of their spread.
     assert (a - b).std() > 0.2 * a.std()
+
+
+def test_real_vision_sizes_match_the_released_checkpoints():
+    """`mgm build-tiny --vision real`: the released towers' geometry (576 tokens per image at HR 768; HD: 2880 at
+    1536) with the tiny LLM, so benchmarks pay the real encoder cost."""
+    from engine.config import VisionGeometry
+    from engine.tiny import build_config, tiny_spec
+
+    for hd, tokens, hr in ((False, 576, 768), (True, 2880, 1536)):
+        config = build_config("llama", vocab_size=1000, hd=hd, spec=tiny_spec("real"))
+        geometry = VisionGeometry.from_config(config)
+        assert (geometry.tokens_per_image, geometry.hr_size, geometry.lr_size) == (tokens, hr, 336)
+        assert config.mm_hidden_size == 1024 and config.mm_hidden_size_aux == 192 + 384 + 768 + 1536
+    with pytest.raises(ValueError, match="vision"):
+        tiny_spec("huge")
