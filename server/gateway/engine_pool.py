@@ -22,7 +22,7 @@ import httpx
 from server.gateway.backends import Backend, BackendPool
 from server.gateway.discovery import Resolve
 from server.gateway.metrics import GatewayMetrics
-from server.gateway.routing import HashRing, bounded_choice
+from server.gateway.routing import ROUTING_OUTCOMES, HashRing, bounded_choice
 
 logger = logging.getLogger("mgm.gateway.routing")
 
@@ -118,6 +118,9 @@ class EnginePool(BackendPool[Engine]):
             for gauge in (self.metrics.engine_up, self.metrics.engine_in_flight):
                 with contextlib.suppress(KeyError):
                     gauge.remove(engine.url)
+            for outcome in ROUTING_OUTCOMES:
+                with contextlib.suppress(KeyError):
+                    self.metrics.routing.remove(engine.url, outcome)
 
     # --- routing ---------------------------------------------------------------------------------------------------
 

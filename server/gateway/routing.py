@@ -21,6 +21,8 @@ from typing import Any
 
 #: ``--routing`` values.
 ROUTING_POLICIES = ("affinity", "least-loaded")
+#: ``mgm_gateway_routing_total`` outcomes: the key's own engine, the next one under the load bound, least loaded.
+ROUTING_OUTCOMES = ("hit", "spill", "unkeyed")
 #: Points per engine on the ring: enough that N engines share the keys within a few percent.
 VNODES = 160
 
