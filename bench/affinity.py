@@ -4,12 +4,13 @@
 
 Two `mgm engine` processes serve a checkpoint with the released vision towers' sizes (``mgm build-tiny --vision
 real``: CLIP ViT-L/14-336 + ConvNeXt-L with random weights and the tiny LLM), so a cold image costs what it costs a
-real checkpoint. For each policy a `mgm gateway --routing POLICY` sits in front of both, and many users talk to it:
+real checkpoint. For each policy (:data:`POLICIES`: affinity with the default load bound and a tighter one,
+least-loaded) a `mgm gateway --routing POLICY` sits in front of both, and many users talk to it:
 ``--conversations`` conversations, each opening with its own image and a few hundred words, ``--turns`` turns each,
 every turn resending the whole history; in every round each conversation sends its next turn, in shuffled order,
 ``--in-flight`` at a time. Each policy gets its own images (nothing cached from the other). Reported: TTFT of turn
 1 against later turns, vLLM's prefix-cache hit rate (hit tokens / queried tokens, both engines, this policy's
-requests only) and requests/s. Results go to bench/results/affinity_cpu.json; bench/report.py renders the section.
+requests only), how often the vision front end ran, the load bound's spills and requests/s. Results go to bench/results/affinity_cpu.json; bench/report.py renders the section.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ CHECKPOINT = Path(".cache/tiny-mgm-realvision")
 LOGS = Path(".cache/bench-logs")
 RESULT = "affinity_cpu"
 ENGINE_ARGS = ("--max-model-len", "4096", "--limit-mm-per-prompt", '{"image": 1}')
+TRACE = LOGS / "affinity-encoder.trace"  # MGM_ENCODER_TRACE of both engines: one line per vision front-end run
+#: (label, --routing, --routing-epsilon): the default bound, a tighter one, and the policy without affinity
+POLICIES = (("affinity", "affinity", 1.0), ("affinity, ε = 0.25", "affinity", 0.25),
+            ("least-loaded", "least-loaded", 1.0))
 #: a few hundred words after the image: the first turn fills several KV blocks
 BRIEF = " ".join(f"Note {i}: describe shapes, colours and the light." for i in range(40))
 
@@ -114,6 +119,20 @@ async def conversations(base: str, model: str, args: argparse.Namespace, seed: i
             "wall_s": wall, "request_throughput": (requests - failed) / wall}
 
 
+def encoder_runs() -> int:
+    """Images encoded so far (a run may batch several: its line holds the count)."""
+    return sum(int(n) for n in TRACE.read_text().split()) if TRACE.exists() else 0
+
+
+def routing_outcomes(gateway: str) -> dict[str, float]:
+    found = {"hit": 0.0, "spill": 0.0, "unkeyed": 0.0}
+    for line in httpx.get(gateway + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("mgm_gateway_routing_total{"):
+            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+            found[outcome] = found.get(outcome, 0.0) + float(line.rsplit(" ", 1)[1])
+    return found
+
+
 def summarize(level: dict) -> dict:
     first = level["ttft_ms"]["0"]
     later = [t for k, v in level["ttft_ms"].items() if k != "0" for t in v]
@@ -127,27 +146,30 @@ def run(args: argparse.Namespace) -> dict:
     LOGS.mkdir(parents=True, exist_ok=True)
     data: dict = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": report.cpu_name(),
                   "config": {k: getattr(args, k) for k in ("conversations", "turns", "in_flight", "max_tokens",
-                                                           "image_size", "epsilon")}, "policies": {}}
+                                                           "image_size")}, "policies": {}}
     ports = free_ports(2)
     engines = [stack.engine(checkpoint, p, LOGS, name=f"affinity-engine-{i}", extra=ENGINE_ARGS)
                for i, p in enumerate(ports)]
-    with stack.running(engines, timeout=900):
+    TRACE.unlink(missing_ok=True)
+    with stack.running(engines, timeout=900, env={"MGM_ENCODER_TRACE": str(TRACE.resolve())}):
         urls = [stack.base_url(e) for e in engines]
         model = httpx.get(urls[0] + "/v1/models", timeout=10).json()["data"][0]["id"]
-        for seed, policy in enumerate(("affinity", "least-loaded"), start=1):
+        for seed, (label, policy, epsilon) in enumerate(POLICIES, start=1):
             port, = free_ports(1)
-            gateway = stack.gateway(port, urls, [], LOGS, name=f"affinity-gateway-{policy}",
-                                    extra=["--routing", policy, "--routing-epsilon", str(args.epsilon)])
+            gateway = stack.gateway(port, urls, [], LOGS, name=f"affinity-gateway-{seed}",
+                                    extra=["--routing", policy, "--routing-epsilon", str(epsilon)])
             with stack.running([gateway]):
-                before = engine_counters(urls)
+                before, runs = engine_counters(urls), encoder_runs()
                 level = asyncio.run(conversations(stack.base_url(gateway), model, args, seed))
                 after = engine_counters(urls)
+                level["routing"] = routing_outcomes(stack.base_url(gateway))
             level.update({k: after[k] - before[k] for k in before})
-            level.update(summarize(level))
-            data["policies"][policy] = level
-            print(f"{policy:>12}: turn 1 TTFT p50 {level['turn1_p50_ms']:.0f} ms, later {level['later_p50_ms']:.0f} ms, "
-                  f"hit rate {level['hit_rate']:.2f}, {level['request_throughput']:.2f} req/s, "
-                  f"failed {level['failed']}", flush=True)
+            level.update(summarize(level), policy=policy, epsilon=epsilon, vision_runs=encoder_runs() - runs)
+            data["policies"][label] = level
+            print(f"{label:>16}: turn 1 TTFT p50 {level['turn1_p50_ms']:.0f} ms, later {level['later_p50_ms']:.0f} ms, "
+                  f"hit rate {level['hit_rate']:.2f}, vision runs {level['vision_runs']}, spills "
+                  f"{level['routing']['spill']:.0f}, {level['request_throughput']:.2f} req/s, failed {level['failed']}",
+                  flush=True)
     return data
 
 
@@ -160,7 +182,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--in-flight", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--image-size", type=int, default=336)
-    ap.add_argument("--epsilon", type=float, default=0.25)
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.monotonic()
