@@ -41,8 +41,8 @@ RESULT = "affinity_cpu"
 ENGINE_ARGS = ("--max-model-len", "4096", "--limit-mm-per-prompt", '{"image": 1}')
 TRACE = LOGS / "affinity-encoder.trace"  # MGM_ENCODER_TRACE of both engines: one line per vision front-end run
 #: (label, --routing, --routing-epsilon): the default bound, a tighter one, and the policy without affinity
-POLICIES = (("affinity", "affinity", 1.0), ("affinity, ε = 0.25", "affinity", 0.25),
-            ("least-loaded", "least-loaded", 1.0))
+POLICIES = (("affinity", "affinity", 0.5), ("affinity, ε = 0.25", "affinity", 0.25),
+            ("least-loaded", "least-loaded", 0.5))
 #: a few hundred words after the image: the first turn fills several KV blocks
 BRIEF = " ".join(f"Note {i}: describe shapes, colours and the light." for i in range(40))
 

@@ -647,7 +647,7 @@ def _affinity_explanation(cfg: dict, pol: dict, aff: dict, least: dict) -> str:
             text += (f"With ε = {lv['epsilon']:g} ({name}) the load bound sent {int(lv['routing']['spill'])} of "
                      f"{lv['requests']} requests past their key's engine ({lv['vision_runs']} encodes): with "
                      f"{cfg['in_flight']} requests in flight on two engines a bound that tight moves conversations "
-                     "whenever one engine briefly holds two, which is why the default is ε = 1. ")
+                     "whenever one engine briefly holds two, which is why the default is ε = 0.5. ")
     return text.rstrip()
 
 

@@ -88,10 +88,11 @@ class GatewayConfig:
     engine_error_threshold: int = 3
     engine_cooldown_s: float = 5.0
     routing: str = "affinity"  # server.gateway.routing.ROUTING_POLICIES
-    # an engine takes a keyed request while in flight ≤ (1+ε) × the mean. 1, not the literature's 0.25: a cold image
-    # costs MGM's towers seconds, a warm one a few ms, so waiting behind one more request beats a spill (measured in
-    # BENCHMARKS.md, "Cache-aware routing": 0.25 spilled 13 of 36 follow-ups on 2 engines with 3 in flight)
-    routing_epsilon: float = 1.0
+    # an engine takes a keyed request while in flight ≤ ceil((1+ε) × the mean). 0.5, not the literature's 0.25: a cold
+    # image costs MGM's towers seconds, a warm one a few ms, so waiting behind one more request beats a spill (0.25
+    # sent 32 of 48 requests past their engine in BENCHMARKS.md, "Cache-aware routing"); not 1 either, which on two
+    # engines never refuses (ceil(2 × (m+1)/2) = m+1): a hot conversation could take one engine whole
+    routing_epsilon: float = 0.5
     #: Any-to-any streams: an SSE comment this often while SDXL draws, so idle-timeout proxies keep the stream.
     stream_keepalive_s: float = 5.0
     #: > 0: engine/worker URLs with a DNS host stand for every address it resolves to (a headless Service),

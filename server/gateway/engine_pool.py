@@ -58,7 +58,7 @@ class EnginePool(BackendPool[Engine]):
                  probe_interval_s: float = 2.0, probe_timeout_s: float = 2.0, discover_interval_s: float = 0.0,
                  resolve: Resolve | None = None, health_interval_s: float | None = None,
                  error_threshold: int = ERROR_THRESHOLD, cooldown_s: float = COOLDOWN_S, routing: str = "affinity",
-                 routing_epsilon: float = 1.0) -> None:
+                 routing_epsilon: float = 0.5) -> None:
         super().__init__(urls, Engine, logger, probe_interval_s=probe_interval_s,
                          discover_interval_s=discover_interval_s, resolve=resolve,
                          health_interval_s=health_interval_s)

@@ -165,7 +165,8 @@ def test_engines_behind_one_name_join_and_leave_without_restart(engine, gateway_
     backends = [create_app(GatewayConfig(engines=(engine_url,))) for _ in pods]
     dns = MutableDNS()
     dns.table["engines.test"] = list(pods)
-    front = GatewayConfig(engines=(f"http://engines.test:{port}",), discover_interval_s=0.2, probe_interval_s=0.2)
+    front = GatewayConfig(engines=(f"http://engines.test:{port}",), discover_interval_s=0.2, probe_interval_s=0.2,
+                          routing="least-loaded")  # identical requests share a key: only least-loaded spreads them
     with contextlib.ExitStack() as stack:
         for app, host in zip(backends, pods):
             stack.enter_context(serve_on(app, host, port))

@@ -67,6 +67,20 @@ def test_the_load_bound_holds_under_skewed_keys(epsilon):
     assert spills  # the hot key did overflow its engine
 
 
+def test_the_default_bound_binds_on_two_engines():
+    """A hot conversation does not take an engine whole: at the default ε, two engines, the key's engine refuses once
+    it holds 3 of 3 in flight (ε = 1 would never refuse there: ceil(2 × (m+1)/2) = m+1)."""
+    from server.gateway.config import GatewayConfig
+
+    ring = HashRing()
+    ring.sync(["http://a", "http://b"])
+    home, _ = bounded_choice(ring, "img:hot", {"http://a": 0, "http://b": 0}, GatewayConfig.routing_epsilon)
+    other = "http://b" if home == "http://a" else "http://a"
+    assert bounded_choice(ring, "img:hot", {home: 2, other: 0}, GatewayConfig.routing_epsilon) == (home, True)
+    assert bounded_choice(ring, "img:hot", {home: 3, other: 0}, GatewayConfig.routing_epsilon) == (other, False)
+    assert bounded_choice(ring, "img:hot", {home: 50, other: 0}, 1.0) == (home, True)  # why not ε = 1
+
+
 def test_turns_of_a_conversation_share_a_key():
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     turn1 = {"messages": [{"role": "system", "content": "Be brief."},
