@@ -60,7 +60,8 @@ def _text(content: Any) -> str:
 
 
 def routing_key(body: Mapping[str, Any]) -> str | None:
-    """``img:`` + the first image's key, else ``txt:`` + a hash of the turns up to the first user turn (a legacy
+    """``img:`` + the first image's key (its ``uuid`` once :func:`tag_images` has run: the gateway hashes each
+    image once), else ``txt:`` + a hash of the turns up to the first user turn (a legacy
     completion: of its prompt's start); None when there is nothing to key on."""
     messages = body.get("messages")
     if isinstance(messages, list):
@@ -68,6 +69,8 @@ def routing_key(body: Mapping[str, Any]) -> str | None:
             content = message.get("content") if isinstance(message, dict) else None
             for part in content if isinstance(content, list) else ():
                 if isinstance(part, dict) and part.get("type") == "image_url":
+                    if isinstance(part.get("uuid"), str):  # tag_images ran: the key is already computed
+                        return "img:" + part["uuid"]
                     url = (part.get("image_url") or {}).get("url")
                     if isinstance(url, str) and url:
                         return "img:" + image_key(url)
