@@ -135,6 +135,33 @@ def _answer_done(page, count: int) -> None:  # type: ignore[no-untyped-def]
     }}""", timeout=TIMEOUT_MS)
 
 
+def _chat_page(browser, base: str) -> Visit:  # type: ignore[no-untyped-def]
+    """A logged-in chat page, greedy, short answers, tall enough for two turns (the README's screenshot)."""
+    visit = Visit(browser, base, height=1000)
+    visit.login()
+    visit.wait_model()
+    visit.page.fill("#temperature", "0")
+    visit.page.fill("#max-tokens", "24")
+    return visit
+
+
+def _pick_file(page, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    picked = tmp_path / "blue.png"
+    picked.write_bytes(_png((30, 60, 200)))
+    page.set_input_files("#file", str(picked))
+    page.wait_for_selector("#attachments li")
+
+
+def _turn_on_generation(page) -> None:  # type: ignore[no-untyped-def]
+    """Generate images at 64x64, 2 steps, seed 3, the caption-shaped answer asked for in the extra body."""
+    page.check("#gen")
+    page.fill("#gen-size", "64x64")
+    page.fill("#gen-steps", "2")
+    page.fill("#gen-seed", "3")
+    page.click("summary:has-text('Advanced')")
+    page.fill("#extra", json.dumps({"structured_outputs": {"regex": GEN_REGEX}}))
+
+
 def test_page_is_static_public_cached_and_small(stack):  # type: ignore[no-untyped-def]
     base = stack.base
     with httpx.Client(base_url=base, timeout=30) as http:
@@ -205,18 +232,11 @@ def test_page_loads_offline_accessible_and_responsive(stack, browser):  # type: 
 
 
 def test_chat_image_streaming_then_generated_image(stack, browser, tmp_path):  # type: ignore[no-untyped-def]
-    visit = Visit(browser, stack.base, height=1000)  # tall enough for both turns (the README's screenshot)
+    visit = _chat_page(browser, stack.base)
     page = visit.page
-    visit.login()
-    visit.wait_model()
-    page.fill("#temperature", "0")
-    page.fill("#max-tokens", "24")
 
     # three ways to attach an image: the file picker, drag and drop, paste
-    picked = tmp_path / "blue.png"
-    picked.write_bytes(_png((30, 60, 200)))
-    page.set_input_files("#file", str(picked))
-    page.wait_for_selector("#attachments li")
+    _pick_file(page, tmp_path)
     _drop_or_paste(page, "drop", _png((30, 160, 60)), "green.png")
     page.wait_for_function("() => document.querySelectorAll('#attachments li').length === 2")
     page.click("#attachments li:nth-child(1) button")
@@ -246,12 +266,7 @@ def test_chat_image_streaming_then_generated_image(stack, browser, tmp_path):  #
     visit.shot("chat-image.png")
 
     # "Generate images": any-to-any mode; the image shows inline under the answer with its <h> caption
-    page.check("#gen")
-    page.fill("#gen-size", "64x64")
-    page.fill("#gen-steps", "2")
-    page.fill("#gen-seed", "3")
-    page.click("summary:has-text('Advanced')")
-    page.fill("#extra", json.dumps({"structured_outputs": {"regex": GEN_REGEX}}))
+    _turn_on_generation(page)
     page.fill("#prompt", "Draw a red fox in the snow")
     page.press("#prompt", "Enter")
     _answer_done(page, 2)
@@ -280,17 +295,10 @@ def test_chat_image_streaming_then_generated_image(stack, browser, tmp_path):  #
 def test_multi_turn_through_the_responses_api_with_the_image_tool(stack, browser, tmp_path):  # type: ignore[no-untyped-def]
     """The "Responses" API setting: the first turn sends its image as an input_image, the next only its own
     message and the stored response's id; with "Generate images" the image_generation tool draws inline."""
-    visit = Visit(browser, stack.base, height=1000)
+    visit = _chat_page(browser, stack.base)
     page = visit.page
-    visit.login()
-    visit.wait_model()
     page.select_option("#api", "responses")
-    page.fill("#temperature", "0")
-    page.fill("#max-tokens", "24")
-    picked = tmp_path / "blue.png"
-    picked.write_bytes(_png((30, 60, 200)))
-    page.set_input_files("#file", str(picked))
-    page.wait_for_selector("#attachments li")
+    _pick_file(page, tmp_path)
     page.fill("#prompt", "What is in this picture?")
     page.press("#prompt", "Enter")
     _answer_done(page, 1)
@@ -304,12 +312,7 @@ def test_multi_turn_through_the_responses_api_with_the_image_tool(stack, browser
     assert item["content"][0]["image_url"].startswith("data:image/png;base64,")
     assert item["content"][1] == {"type": "input_text", "text": "What is in this picture?"}
 
-    page.check("#gen")
-    page.fill("#gen-size", "64x64")
-    page.fill("#gen-steps", "2")
-    page.fill("#gen-seed", "3")
-    page.click("summary:has-text('Advanced')")
-    page.fill("#extra", json.dumps({"structured_outputs": {"regex": GEN_REGEX}}))
+    _turn_on_generation(page)
     page.fill("#max-tokens", "64")  # room for the whole caption
     page.fill("#prompt", "Draw a red fox in the snow")
     page.press("#prompt", "Enter")
