@@ -391,6 +391,23 @@ def test_gateway_finds_pods_through_headless_services(rendered: dict[str, Render
     assert r.get("Service", "gateway")["spec"].get("clusterIP") != "None"  # clients get one virtual IP
 
 
+def test_gateway_max_edit_images_follows_the_engines() -> None:
+    from server.cli import build_parser
+    from server.gateway.config import GatewayConfig
+
+    def parsed(values: dict[str, Any]) -> int:
+        return build_parser().parse_args(_container(render(values).get("Deployment", "gateway"))["args"]).max_edit_images
+
+    assert parsed({}) == 1  # engine.imagesPerPrompt's default
+    assert parsed(SCENARIOS["7b"]) == 2  # imagesPerPrompt 2
+    assert parsed(_merge(SCENARIOS["7b"], {"gateway": {"maxEditImages": 1}})) == 1
+    assert parsed(_merge(SCENARIOS["7b"], {"engine": {"imagesPerPrompt": 0}})) == 1  # at least one image to edit
+    # engines elsewhere: the chart cannot know their limit, so the gateway's default unless the value is set
+    elsewhere = {"engine": {"enabled": False}, "gateway": {"extraArgs": ["--engine", "http://e:8000"]}}
+    assert parsed(elsewhere) == GatewayConfig(engines=("http://e",)).max_edit_images
+    assert parsed(_merge(elsewhere, {"gateway": {"maxEditImages": 8}})) == 8
+
+
 def test_sdxl_worker_args_parse(rendered: dict[str, Rendered]) -> None:
     from server.cli import build_parser
 
@@ -578,6 +595,7 @@ BAD_VALUES = {
     "GPU utilisation > 1": ("engine: {gpuMemoryUtilization: 1.5}", "/engine/gpuMemoryUtilization"),
     "KEDA scaling to zero": ("engine: {keda: {enabled: true, minReplicas: 0}}", "/engine/keda/minReplicas"),
     "SDXL worker without a queue": ("sdxlWorker: {maxQueue: 0}", "/sdxlWorker/maxQueue"),
+    "no edit image": ("gateway: {maxEditImages: 0}", "/gateway/maxEditImages"),
     "image store with an unknown scheme": ("imageStore: {url: \"s3://bucket\"}", "/imageStore/url"),
     "image store redis with a floating tag": ("imageStore: {redis: {image: \"redis:latest\"}}", "/imageStore/redis/image"),
     "unknown top-level key": ("engines: {replicas: 2}", "engines"),
@@ -601,8 +619,14 @@ def test_schema_rejects_bad_values(case: str) -> None:
     ({"engine": {"preStopSleepSeconds": 60, "drainSeconds": 120}}, "engine.terminationGracePeriodSeconds (180)"),
     ({"engine": {"keda": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}}, "keda.maxReplicas"),
     ({"engine": {"enabled": False}}, "the gateway needs engines elsewhere"),
-    ({"sdxlWorker": {"enabled": True}}, "several gateway pods (gateway.replicas > 1 or gateway.autoscaling.enabled) "
-                                        "need a shared image store"),
+    ({"sdxlWorker": {"enabled": True}, "imageStore": {"redis": {"enabled": False}}},
+     "several gateway pods (gateway.replicas > 1 or gateway.autoscaling.enabled) need a shared image store"),
+    # no image generation: stored Responses (previous_response_id) live in the same store
+    ({"sdxlWorker": {"enabled": False}, "imageStore": {"redis": {"enabled": False}}},
+     "or a stored response (previous_response_id) written by one pod is a 404 on the others"),
+    ({"gateway": {"maxEditImages": 2}}, "gateway.maxEditImages (2) must not exceed engine.imagesPerPrompt (1)"),
+    ({"gateway": {"maxEditImages": 5}, "engine": {"imagesPerPrompt": 4}},
+     "gateway.maxEditImages (5) must not exceed engine.imagesPerPrompt (4)"),
     ({"sdxlWorker": {"enabled": True}, "gateway": {"autoscaling": {"enabled": False}, "replicas": 3},
       "imageStore": {"url": "memory://"}}, "need a shared image store"),
     ({"imageStore": {"url": "file:///images"}}, "set imageStore.existingClaim"),

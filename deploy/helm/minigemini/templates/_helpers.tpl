@@ -199,8 +199,13 @@ memory://
 {{- end }}
 {{- $store := include "mgm.imageStoreURL" . }}
 {{- $many := or .Values.gateway.autoscaling.enabled (gt (int .Values.gateway.replicas) 1) }}
-{{- if and .Values.sdxlWorker.enabled $many (not .Values.imageStore.existingSecret) (hasPrefix "memory://" $store) }}
-{{- fail "imageStore: several gateway pods (gateway.replicas > 1 or gateway.autoscaling.enabled) need a shared image store, or a response_format=url image minted by one pod is a 404 on the others: set imageStore.redis.enabled=true, imageStore.url (redis:// or file:// with existingClaim) or imageStore.existingSecret" }}
+{{- /* Not only images: stored Responses (previous_response_id) live in the same store, image generation or not. */}}
+{{- if and $many (not .Values.imageStore.existingSecret) (hasPrefix "memory://" $store) }}
+{{- fail "imageStore: several gateway pods (gateway.replicas > 1 or gateway.autoscaling.enabled) need a shared image store, or a response_format=url image or a stored response (previous_response_id) written by one pod is a 404 on the others: set imageStore.redis.enabled=true, imageStore.url (redis:// or file:// with existingClaim) or imageStore.existingSecret" }}
+{{- end }}
+{{- $edits := .Values.gateway.maxEditImages }}
+{{- if and .Values.engine.enabled (not (kindIs "invalid" $edits)) (gt (int $edits) (int .Values.engine.imagesPerPrompt)) }}
+{{- fail (printf "gateway.maxEditImages (%v) must not exceed engine.imagesPerPrompt (%v): MGM sees every input image of an edit when it re-captions it, and the engine refuses a prompt with more images than that" $edits .Values.engine.imagesPerPrompt) }}
 {{- end }}
 {{- if and (hasPrefix "file://" $store) (not .Values.imageStore.existingClaim) }}
 {{- fail "imageStore.url is file://: set imageStore.existingClaim to a ReadWriteMany claim every gateway pod mounts there" }}
