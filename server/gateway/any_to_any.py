@@ -13,10 +13,11 @@ ends with an ``error`` event (an unexpected failure: a generic message with the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -75,22 +76,32 @@ def generation_options(body: dict[str, Any]) -> ImageOptions | None:
 
 @dataclass
 class Generation:
-    """One any-to-any request: its image options and size, and where stored images are served from."""
+    """One any-to-any request: its image options and size, where stored images are served from, and its places in
+    the SDXL pool (one per choice, reserved up front as the images API does, so that a full pool is a 429 before
+    any engine time is spent; :meth:`release` gives them back once the images are drawn or the request failed)."""
 
     images: ImagesService
     options: ImageOptions
     size: tuple[int, int]
     base_url: str
+    reservation: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     @classmethod
     def prepare(cls, images: ImagesService, body: dict[str, Any], base_url: str) -> Generation | None:
-        """Read the generation fields off ``body`` and add the ``<GEN>`` suffix; None for a plain chat request."""
+        """Read the generation fields off ``body``, add the ``<GEN>`` suffix and reserve the SDXL places (429/503
+        here); None for a plain chat request."""
         options = generation_options(body)
         if options is None:
             return None
-        images.pool("modalities")
+        pool = images.pool("modalities")
         add_gen_suffix(body["messages"])
-        return cls(images, options, images.size(options.size, "image_options.size"), base_url)
+        generation = cls(images, options, images.size(options.size, "image_options.size"), base_url)
+        generation.reservation.enter_context(pool.reserve(max(1, int(body.get("n") or 1))))
+        return generation
+
+    def release(self) -> None:
+        """Give the SDXL places back (idempotent)."""
+        self.reservation.close()
 
     async def add_images(self, payload: dict[str, Any]) -> dict[str, Any]:
         """A non-streamed completion with ``message.images`` added to each choice that has a caption."""
@@ -100,7 +111,7 @@ class Generation:
             if isinstance(text, str) and (caption := extract_caption(text)):
                 captions[int(choice.get("index") or 0)] = caption
         if captions:
-            images = await self.images.draw_captions(captions, self.options, self.size, self.base_url)
+            images = await self.images.draw_captions(captions, self.options, self.size, self.base_url, reserved=True)
             for choice in payload["choices"]:
                 if (index := int(choice.get("index") or 0)) in images:
                     choice["message"]["images"] = images[index]
@@ -117,7 +128,8 @@ class Generation:
             if sse.data(event) == sse.DONE:
                 captions = {i: c for i, t in texts.items() if (c := extract_caption(t))}
                 if captions:
-                    drawing = self.images.draw_captions(captions, self.options, self.size, self.base_url)
+                    drawing = self.images.draw_captions(captions, self.options, self.size, self.base_url,
+                                                        reserved=True)
                     images: dict[int, list[dict[str, Any]]] = {}
                     try:  # closing the stream (the client left) cancels the drawing
                         async for got in sse.with_keepalive(sse.once(drawing), self.images.config.stream_keepalive_s):

@@ -19,7 +19,7 @@ from server.gateway.metrics import GatewayMetrics
 from server.gateway.models import ModelCatalog
 from server.gateway.protocol import ENGINE_EXTRAS, GATEWAY_EXTRAS, ChatCompletionRequest
 from server.gateway.relay import ChatRelay
-from server.gateway.streaming import EventStream
+from server.gateway.streaming import EventStream, release_after
 from server.gateway.tools import ToolPlan
 
 logger = logging.getLogger("mgm.gateway")
@@ -96,7 +96,18 @@ class ChatService:
         body.setdefault("add_special_tokens", True)
         tools = ToolPlan.prepare(body)  # before merging: tool results become user turns
         body["messages"] = merge_turns(body["messages"])
-        generation = Generation.prepare(self.images, body, base_url)
+        generation = Generation.prepare(self.images, body, base_url)  # holds its SDXL places from here on
+        if generation is None:
+            return await self._relay(req, body, tools, None, request_id)
+        try:
+            response = await self._relay(req, body, tools, generation, request_id)
+        except BaseException:
+            generation.release()
+            raise
+        return release_after(response, generation.release)  # a stream gives them back when it ends
+
+    async def _relay(self, req: ChatCompletionRequest, body: dict[str, Any], tools: ToolPlan | None,
+                     generation: Generation | None, request_id: str | None) -> Response:
         await inline_images(body, self.config.images, self.resolver, self.metrics)
         # 3. Relay: a stream passes through (with the images chunk in generation mode); a completion gets its images.
         if tools is not None:  # the answer is one constrained call: asked unstreamed, shaped, streamed if asked

@@ -255,15 +255,16 @@ class ImagesService:
                                                           code="image_generation_failed").body()}, "error")
 
     async def draw_captions(self, captions: dict[int, str], options: ImageOptions, size: tuple[int, int],
-                            base_url: str) -> dict[int, list[dict[str, Any]]]:
-        """One image per caption (choice index → caption), as chat ``message.images`` entries."""
+                            base_url: str, *, reserved: bool = False) -> dict[int, list[dict[str, Any]]]:
+        """One image per caption (choice index → caption), as chat ``message.images`` entries; ``reserved``: the
+        caller holds a :meth:`SDXLPool.reserve` block with a place for each."""
         pool = self.pool("modalities")
         fmt = options.response_format or "b64_json"
         if fmt == "url":
             await self.files.check()
 
         async def one(caption: str) -> list[dict[str, Any]]:
-            items = await pool.generate(options.worker_payload(caption, 1, *size))
+            items = await pool.generate(options.worker_payload(caption, 1, *size), reserved=reserved)
             out = []
             for item in items:
                 entry = await self.files.entry(item, fmt, options.format, base_url)

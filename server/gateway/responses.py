@@ -11,6 +11,7 @@ img2img from it, so "make it night" edits the last picture."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
@@ -30,6 +31,7 @@ from server.gateway.chat import ChatService, merge_turns
 from server.gateway.image_fetch import inline_images
 from server.gateway.image_generation import extract_caption
 from server.gateway.protocol import ENGINE_EXTRAS, ChatCompletionRequest, ImageOptions
+from server.gateway.streaming import release_after
 from server.gateway.responses_protocol import ImageGenerationTool, InputMessage, ResponsesRequest
 from server.store import Blob, BlobStore, StoreUnavailable
 
@@ -291,6 +293,17 @@ class ResponsesService:
 
     async def create(self, req: ResponsesRequest, request_id: str | None) -> Response:
         turn = await self.prepare(req)
+        if turn.tool is None:
+            return await self._create(turn, request_id)
+        # the tool's image: its SDXL place is reserved up front (as the images API does), so a full pool is a 429
+        # before any engine time is spent, and given back when the response (or its stream) is done
+        with contextlib.ExitStack() as reservation:
+            reservation.enter_context(self.chat.images.pool("tools").reserve(1))
+            response = await self._create(turn, request_id)
+            return release_after(response, reservation.pop_all().close)
+
+    async def _create(self, turn: Turn, request_id: str | None) -> Response:
+        req = turn.req
         if req.stream:
             return await self._stream(turn, request_id)
         payload = await self.chat.relay.complete(turn.body, request_id)
@@ -300,7 +313,7 @@ class ResponsesService:
         image = None
         if turn.tool is not None and (caption := self._caption(turn, answer)):
             body, options, size = self._image_payload(turn, caption)
-            items = await self.chat.images.pool("tools").generate(body)
+            items = await self.chat.images.pool("tools").generate(body, reserved=True)
             image = items[0]["b64_json"]
             output.append(self._image_item(new_id("ig"), "completed", caption, options, size, image))
         incomplete = "max_output_tokens" if choice.get("finish_reason") == "length" else None
@@ -374,7 +387,7 @@ class ResponsesService:
                             item=self._image_item(ig_id, "in_progress", None, None, None, None))
                 yield event("response.image_generation_call.in_progress", output_index=1, item_id=ig_id)
                 yield event("response.image_generation_call.generating", output_index=1, item_id=ig_id)
-                stream = self.chat.images.pool("tools").generate_stream(body)
+                stream = self.chat.images.pool("tools").generate_stream(body, reserved=True)
                 async for got in sse.with_keepalive(stream, self.chat.config.stream_keepalive_s):
                     if got is None:
                         yield sse.KEEPALIVE

@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from fastapi import Response
 from fastapi.responses import StreamingResponse
 
 from server.gateway import sse
@@ -41,3 +42,22 @@ class EventStream(StreamingResponse):
         finally:
             if self.on_close is not None:
                 await self.on_close()
+
+
+def release_after(response: Response, release: Callable[[], None]) -> Response:
+    """Call ``release`` once ``response`` is done with what it holds: when an :class:`EventStream` ends (after its
+    own ``on_close``, however it ended), at once for any other response (its body is complete already)."""
+    if not isinstance(response, EventStream):
+        release()
+        return response
+    close = response.on_close
+
+    async def on_close() -> None:
+        try:
+            if close is not None:
+                await close()
+        finally:
+            release()
+
+    response.on_close = on_close
+    return response
