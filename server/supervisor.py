@@ -69,6 +69,8 @@ class ServeConfig:
     routing: str = "affinity"  # the gateway's --routing (server.gateway.routing)
     #: The gateway's image store URL (it may hold a password: handed over in the gateway's environment only).
     image_store: str | None = field(default=None, repr=False)
+    image_url_ttl_s: float | None = None  # the gateway's --image-url-ttl (None: its default)
+    max_edit_images: int | None = None  # the gateway's --max-edit-images (None: its default)
     cache_dir: Path = Path(".cache")  # tiny checkpoints, and logs unless logs_dir is given
     logs_dir: Path | None = None
     ready_timeout_s: float = 900.0
@@ -111,6 +113,12 @@ def register(sub: SubParsers, common: argparse.ArgumentParser) -> None:
              "least-loaded")
     add_flag(p, "--image-store", env="MGM_IMAGE_STORE", default=d.image_store, shown_default="memory://",
              help="where response_format=url images live: memory://, file:///path or redis://host:port/db")
+    gw = defaults(GatewayConfig)
+    add_flag(p, "--image-url-ttl", env="MGM_IMAGE_URL_TTL", type=float, default=d.image_url_ttl_s,
+             shown_default=f"{gw.image_store_ttl_s:g}", help="seconds a response_format=url image stays downloadable")
+    add_flag(p, "--max-edit-images", env="MGM_MAX_EDIT_IMAGES", type=int, default=d.max_edit_images,
+             shown_default=str(gw.max_edit_images), help="input images one /v1/images/edits request may carry "
+             "(the tiny engine takes 4 images a prompt)")
     add_flag(p, "--cache-dir", env="MGM_CACHE_DIR", type=Path, default=d.cache_dir,
              help="tiny checkpoints and logs live here")
     add_flag(p, "--logs-dir", env="MGM_LOGS_DIR", type=Path, default=d.logs_dir, shown_default="<cache-dir>/logs",
@@ -128,7 +136,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         model=args.model, image_model=args.image_model, host=args.host, port=args.port, engines=args.engines,
         sdxl_workers=args.sdxl_workers, api_keys=tuple(args.api_key), model_name=args.model_name,
         routing=args.routing,
-        image_store=args.image_store,
+        image_store=args.image_store, image_url_ttl_s=args.image_url_ttl, max_edit_images=args.max_edit_images,
         cache_dir=args.cache_dir, logs_dir=args.logs_dir, ready_timeout_s=args.ready_timeout,
         stop_timeout_s=args.stop_timeout, log_level=args.log_level, log_format=args.log_format,
         vllm_args=tuple(vllm_args(args.passthrough)))
@@ -169,6 +177,10 @@ def plan_children(config: ServeConfig, model: Path, image_model: Path | None, ex
     for child in children:
         flag = "--engine" if child.name.startswith("engine") else "--sdxl-worker"
         gateway += [flag, child.ready_url.rsplit("/", 1)[0]]  # type: ignore[union-attr]
+    if config.image_url_ttl_s is not None:
+        gateway += ["--image-url-ttl", repr(config.image_url_ttl_s)]
+    if config.max_edit_images is not None:
+        gateway += ["--max-edit-images", str(config.max_edit_images)]
     if config.model_name:
         gateway += ["--model-name", config.model_name]
     gateway += ["--routing", config.routing]

@@ -42,6 +42,9 @@ def register(sub: SubParsers, common: argparse.ArgumentParser) -> None:
              help="image jobs one worker gets from the gateway at a time")
     add_flag(p, "--sdxl-max-queue", env="MGM_SDXL_GATEWAY_QUEUE", type=int, default=gw.sdxl_max_queue,
              help="image jobs waiting in the gateway for a worker; beyond that 429")
+    add_flag(p, "--max-edit-images", env="MGM_MAX_EDIT_IMAGES", type=int, default=gw.max_edit_images,
+             help="input images one /v1/images/edits request may carry (MGM sees them all when it re-captions: keep "
+             "it within the engines' --limit-mm-per-prompt)")
     add_flag(p, "--image-url-ttl", env="MGM_IMAGE_URL_TTL", type=float, default=gw.image_store_ttl_s,
              help="seconds a response_format=url image stays downloadable")
     add_flag(p, "--image-store", env="MGM_IMAGE_STORE", default=gw.image_store,
@@ -107,6 +110,7 @@ def run_gateway(args: argparse.Namespace) -> int:
             engines=tuple(args.engine), api_keys=tuple(args.api_key), model_name=args.model_name,
             sdxl_workers=tuple(args.sdxl_worker), image_model_name=args.image_model_name,
             sdxl_max_in_flight=args.sdxl_max_in_flight, sdxl_max_queue=args.sdxl_max_queue,
+            max_edit_images=args.max_edit_images,
             image_store=args.image_store, image_store_timeout_s=args.image_store_timeout,
             response_ttl_s=args.response_ttl,
             image_store_ttl_s=args.image_url_ttl, max_body_bytes=args.max_body_bytes, max_json_items=args.max_json_items,

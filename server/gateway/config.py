@@ -105,6 +105,8 @@ class GatewayConfig:
             raise ValueError("chat_max_in_flight must be >= 1, chat_max_queue >= 0, chat_queue_timeout_s > 0")
         if self.client_read_timeout_s <= 0 or self.client_write_timeout_s <= 0:
             raise ValueError("client_read_timeout_s and client_write_timeout_s must be > 0")
+        if self.max_edit_images < 1:
+            raise ValueError("max_edit_images must be >= 1")
         if self.max_prompt_chars_per_token < 1:
             raise ValueError("max_prompt_chars_per_token must be >= 1")
         if self.drain_timeout_s < 0 or self.max_body_bytes < 1 or self.max_json_items < 1:
