@@ -107,11 +107,13 @@ async def read_edit_body(request: Request, max_images: int) -> EditBody:
     images: list[bytes | str] = []
     mask: bytes | str | None = None
     if ctype == "multipart/form-data":
-        try:
+        try:  # the images and the mask; one more file part is refused while it arrives (never read whole)
             form = await request.form(max_files=max_images + 1, max_fields=64)
         except (StarletteHTTPException, MultiPartException, MultipartParseError) as exc:
-            raise APIError(400, f"Could not read the multipart body: {getattr(exc, 'detail', exc)}.",
-                           code="invalid_body") from None
+            detail = str(getattr(exc, "detail", None) or getattr(exc, "message", None) or exc)
+            if detail.startswith("Too many files"):  # Starlette's words for max_files: too many images
+                raise too_many_images(max_images) from None
+            raise APIError(400, f"Could not read the multipart body: {detail}.", code="invalid_body") from None
         fields: dict[str, Any] = {}
         for key, value in form.multi_items():
             content = await value.read() if isinstance(value, UploadFile) else value
@@ -140,5 +142,10 @@ async def read_edit_body(request: Request, max_images: int) -> EditBody:
     if not images:
         raise APIError(400, "Missing required parameter: 'image'.", param="image", code="missing_required_parameter")
     if len(images) > max_images:
-        raise APIError(400, f"At most {max_images} images per edit.", param="image", code="too_many_images")
+        raise too_many_images(max_images)
     return EditBody(req, images, mask)
+
+
+def too_many_images(max_images: int) -> APIError:
+    return APIError(400, f"At most {max_images} images per edit (and one mask).", param="image",
+                    code="too_many_images")
