@@ -95,10 +95,19 @@ OPENAI_TYPES = frozenset({"invalid_request_error", "authentication_error", "perm
                           "rate_limit_error", "server_error"})
 
 
-def normalize_upstream(status: int, payload: Any) -> APIError:
+def normalize_upstream(status: int, payload: Any, request_id: str | None = None, upstream: str = "engine") -> APIError:
     """An engine's error body (vLLM puts the HTTP status int in ``code`` and its exception name in ``type``) as our
-    error in the OpenAI shape."""
+    error in the OpenAI shape. A 5xx's text is the upstream's internals (exception text, paths): it is logged with
+    ``request_id`` and the client gets a generic message naming that id instead."""
     err = payload.get("error") if isinstance(payload, dict) else None
+    if status >= 500:
+        detail = err.get("message") if isinstance(err, dict) else None
+        code = err.get("code") if isinstance(err, dict) and isinstance(err.get("code"), str) else None
+        logger.warning(f"{upstream} answered {status}", extra={"fields": {
+            "request_id": request_id, "status": status, "code": code, "detail": str(detail)[:2000]}})
+        where = f" (request {request_id})" if request_id else ""
+        return APIError(status, f"The {upstream} failed to answer this request{where}; see the server logs.",
+                        type_="server_error", code=code or f"{upstream.replace(' ', '_')}_error")
     if isinstance(err, dict):
         message = str(err.get("message") or "engine error")
         code = err.get("code") if isinstance(err.get("code"), str) else None

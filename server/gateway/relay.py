@@ -23,7 +23,8 @@
   usage chunk (token metrics), which is dropped again when the client did not ask for
   ``stream_options.include_usage``.
 * **Errors.** Engine error bodies are normalised to the OpenAI shape (:func:`server.errors.normalize_upstream`);
-  timeouts are 504, broken answers 502.
+  a 5xx's text is logged, not passed on (a generic message naming the request id); timeouts are 504, broken
+  answers 502.
 """
 
 from __future__ import annotations
@@ -182,15 +183,15 @@ class ChatRelay:
             self.metrics.tokens.labels("prompt").inc(int(usage.get("prompt_tokens") or 0))
             self.metrics.tokens.labels("completion").inc(int(usage.get("completion_tokens") or 0))
 
-    async def _error(self, upstream: _Upstream) -> APIError:
-        """The engine's non-200 answer as our error (the upstream is closed)."""
+    async def _error(self, upstream: _Upstream, request_id: str) -> APIError:
+        """The engine's non-200 answer as our error (the upstream is closed; a 5xx's text only logged)."""
         try:
             payload = json.loads(await upstream.response.aread())
         except (EngineFailed, ValueError):
             payload = None
         finally:
             await upstream.close()
-        return normalize_upstream(upstream.response.status_code, payload)
+        return normalize_upstream(upstream.response.status_code, payload, request_id)
 
     # --- non-streaming -----------------------------------------------------------------------------------------------
 
@@ -202,7 +203,7 @@ class ChatRelay:
         while True:  # bounded by _open: every engine at most once
             upstream = await self._open(body, attempt, path)
             if upstream.response.status_code != 200:
-                raise await self._error(upstream)
+                raise await self._error(upstream, attempt.request_id)
             try:
                 raw = await upstream.response.aread()
             except EngineUnreachable as exc:  # the engine died before the answer was complete
@@ -234,7 +235,7 @@ class ChatRelay:
         while True:  # bounded by _open: every engine at most once
             upstream = await self._open(body, attempt, path)
             if upstream.response.status_code != 200:
-                raise await self._error(upstream)
+                raise await self._error(upstream, attempt.request_id)
             events = sse.events(upstream.response.aiter_bytes())
             try:
                 first: bytes | None = await anext(events)

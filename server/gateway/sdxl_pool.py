@@ -242,7 +242,7 @@ class SDXLPool(BackendPool[SDXLWorker]):
                         err.headers = {"retry-after": r.headers.get("retry-after", str(self.retry_after_s))}
                         last_error = err
                         continue
-                    raise normalize_upstream(r.status_code, body)
+                    raise normalize_upstream(r.status_code, body, upstream="image worker")
                 finally:
                     await r.aclose()
             finally:
@@ -272,7 +272,7 @@ class SDXLPool(BackendPool[SDXLWorker]):
                     if not isinstance(item, dict):
                         raise _bad_answer()
                     if item.get("type") == "error":
-                        raise normalize_upstream(502, item)
+                        raise normalize_upstream(502, item, upstream="image worker")
                     yield item
             except httpx.HTTPError:
                 raise APIError(502, "The image worker's connection was lost while drawing.", type_="server_error",

@@ -594,9 +594,13 @@ def test_engine_failing_fast_with_5xx_is_backed_off(gateway_server, record):
         config = GatewayConfig(engines=(bad_url, good_url), engine_error_threshold=2, engine_cooldown_s=30,
                                routing=LISTED_FIRST)
         with gateway_server(config) as gw:
-            statuses = [_post(gw).status_code for _ in range(12)]
+            answers = [_post(gw, headers={"x-request-id": f"req-5xx-{i}"}) for i in range(12)]
+            statuses = [r.status_code for r in answers]
             pool = gateway_server.apps[gw].state.gateway.pool
             assert statuses == [500] * 2 + [200] * 10  # --engine-error-threshold 2
+            for i, r in enumerate(answers[:2]):  # the engine's own text stays in the log; the client gets the id
+                assert "boom" not in r.text and f"req-5xx-{i}" in r.json()["error"]["message"], r.text
+                assert r.json()["error"]["type"] == "server_error"
             assert pool.engines[0].up  # its /health is fine: not down, only cooling down
             assert metric(gw, "mgm_gateway_engine_backoffs_total") == 1
     record("engine answering 500 fast (2 engines)",
