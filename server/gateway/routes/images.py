@@ -39,11 +39,15 @@ def _log_unknown(request: ImageGenerationRequest) -> None:
 
 
 _EDIT_SCHEMA = ImageEditRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-_EDIT_FORM = {"type": "object", "required": ["image", "prompt"], "properties": {
-    **{k: v for k, v in _EDIT_SCHEMA["properties"].items() if k not in ("image", "mask")},
-    "image": {"oneOf": [{"type": "string", "format": "binary"},
-                        {"type": "array", "items": {"type": "string", "format": "binary"}}]},
-    "mask": {"type": "string", "format": "binary"}}}
+_UPLOADS = {"oneOf": [{"type": "string", "format": "binary"},
+                      {"type": "array", "items": {"type": "string", "format": "binary"}}]}
+#: The images are ``image`` parts or ``image[]`` parts (what the SDKs send for several), repeated; either is required.
+_EDIT_FORM = {"type": "object", "required": ["prompt"], "anyOf": [{"required": ["image"]}, {"required": ["image[]"]}],
+              "properties": {
+                  **{k: v for k, v in _EDIT_SCHEMA["properties"].items() if k not in ("image", "mask")},
+                  "image": {**_UPLOADS, "description": "The image(s) to edit; the first is drawn from."},
+                  "image[]": {**_UPLOADS, "description": "The same as `image`, the SDKs' name for several images."},
+                  "mask": {"type": "string", "format": "binary"}}}
 
 
 @router.post("/v1/images/edits", summary="Image edits drawn through MGM (OpenAI)", dependencies=[require_api_key],
