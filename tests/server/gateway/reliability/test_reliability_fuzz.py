@@ -2,9 +2,10 @@
 
 Against a real gateway on loopback in front of the session's tiny engine and one tiny SDXL worker, with an API key:
 
-* **positive** examples (requests the schema allows) for every operation, from a copy of the document with small
-  caps so that valid requests stay fast (max_tokens ≤ 4, n ≤ 2, one 64x64 image with ≤ 2 steps);
-* **negative** examples (requests the schema forbids) for the two POST routes, from the document as served;
+* **positive** examples (requests the schema allows) for every operation (chat, completions, responses and its
+  stored-response routes, images, models, files, health), from a copy of the document with small caps so that
+  valid requests stay fast (max_tokens ≤ 4, n ≤ 2, one user turn, one 64x64 image with ≤ 2 steps);
+* **negative** examples (requests the schema forbids) for every POST route, from the document as served;
 
 checked for: no 5xx, the status is one the document lists, the content type and body match the document, and
 (negative) the request is refused with a 4xx. Budget: ``MGM_FUZZ_EXAMPLES`` examples per operation and mode
@@ -35,10 +36,14 @@ from server.gateway.config import GatewayConfig  # noqa: E402
 
 KEY = "sk-fuzz"
 EXAMPLES = int(os.environ.get("MGM_FUZZ_EXAMPLES", "25"))
-OPERATIONS = {("POST", "/v1/chat/completions"), ("POST", "/v1/images/generations"), ("POST", "/v1/images/edits"),
-              ("GET", "/v1/models"),
-              ("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics"), ("GET", "/v1/files/images/{image_id}")}
-NEGATIVE = {("POST", "/v1/chat/completions"), ("POST", "/v1/images/generations")}
+POSTS = {("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/responses"),
+         ("POST", "/v1/images/generations"), ("POST", "/v1/images/edits")}
+OPERATIONS = POSTS | {
+    ("GET", "/v1/models"), ("GET", "/v1/models/{model_id}"), ("GET", "/health"), ("GET", "/ready"),
+    ("GET", "/metrics"), ("GET", "/v1/files/images/{image_id}"), ("GET", "/v1/responses/{response_id}"),
+    ("DELETE", "/v1/responses/{response_id}"), ("GET", "/v1/responses/{response_id}/input_items"),
+    ("POST", "/v1/embeddings")}
+NEGATIVE = POSTS
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
@@ -76,6 +81,22 @@ def _capped(doc: dict[str, Any], chat_model: str) -> dict[str, Any]:
 
     for field, maximum in (("max_tokens", 4), ("max_completion_tokens", 4), ("n", 2)):
         cap("ChatCompletionRequest", field, maximum)
+    # /v1/completions: the same small numbers, our model, at most 2 prompts
+    completion = schemas["CompletionRequest"]["properties"]
+    completion["model"] = {"const": chat_model}
+    completion["stream_options"] = {"type": "null"}
+    for option in completion["prompt"]["anyOf"]:
+        if option.get("type") == "array":
+            option["maxItems"] = 2
+    for field, maximum in (("max_tokens", 4), ("n", 2)):
+        cap("CompletionRequest", field, maximum)
+    # /v1/responses: our model, one user message, no tools and no structured output (its grammar, as above)
+    responses = schemas["ResponsesRequest"]["properties"]
+    responses["model"] = {"const": chat_model}
+    responses["input"]["anyOf"][1]["maxItems"] = 1
+    responses["text"] = responses["tools"] = responses["tool_choice"] = {"type": "null"}
+    schemas["InputMessage"]["properties"]["role"] = {"const": "user"}
+    cap("ResponsesRequest", "max_output_tokens", 4)
     for field, maximum in (("n", 1), ("num_inference_steps", 2)):
         cap("ImageGenerationRequest", field, maximum)
     images = schemas["ImageGenerationRequest"]
@@ -116,6 +137,7 @@ def test_positive_examples_from_the_openapi_document(fuzz_gateway, engine):
     assert len(seen) == len(OPERATIONS)
     # valid requests really reached the engine and the SDXL worker
     assert seen["POST /v1/chat/completions"].get(200, 0) >= 5 and seen["POST /v1/images/generations"].get(200, 0) >= 1
+    assert seen["POST /v1/completions"].get(200, 0) >= 5 and seen["POST /v1/responses"].get(200, 0) >= 5
     assert httpx.get(fuzz_gateway + "/ready", timeout=10).status_code == 200  # still serving
 
 
