@@ -30,13 +30,18 @@ from server.gateway.protocol import ImageOptions
 
 logger = logging.getLogger("mgm.gateway")
 
-def add_gen_suffix(messages: list[dict[str, Any]]) -> None:
+#: The 400 for a generating conversation without a user turn: on chat (``modalities``) and on Responses (the tool).
+NO_USER_CHAT = ("Generation mode (\"modalities\" with \"image\") needs a user message.", "messages")
+NO_USER_RESPONSES = ("The image_generation tool needs a user message in 'input'.", "input")
+
+
+def add_gen_suffix(messages: list[dict[str, Any]], no_user: tuple[str, str] = NO_USER_CHAT) -> None:
     """Append the official `` <GEN>`` suffix to the text of every user turn that lacks it (in place): the official
-    CLI's ``--gen`` marks every input of a generating conversation, so the history carries it."""
+    CLI's ``--gen`` marks every input of a generating conversation, so the history carries it. Without a user turn:
+    400 with ``no_user`` (message, param)."""
     users = [m for m in messages if m.get("role") == "user"]
     if not users:
-        raise APIError(400, "Generation mode (\"modalities\" with \"image\") needs a user message.",
-                       param="messages", code="invalid_value")
+        raise APIError(400, no_user[0], param=no_user[1], code="invalid_value")
     for message in users:
         content = message.get("content")
         if isinstance(content, str) or content is None:

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from server.errors import APIError, validation_error
 from server.gateway import sse
-from server.gateway.any_to_any import add_gen_suffix
+from server.gateway.any_to_any import NO_USER_RESPONSES, add_gen_suffix
 from server.gateway.chat import ChatService, merge_turns
 from server.gateway.image_fetch import inline_images
 from server.gateway.image_generation import extract_caption
@@ -221,7 +221,7 @@ class ResponsesService:
             raise validation_error(exc.errors()) from None
         self.chat.check_prompt_length(checked.text_chars())
         if tool is not None:
-            add_gen_suffix(conversation)
+            add_gen_suffix(conversation, NO_USER_RESPONSES)
             body["messages"] = merge_turns(system + conversation)
         body["add_special_tokens"] = True
         try:

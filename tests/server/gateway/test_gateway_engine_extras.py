@@ -62,6 +62,19 @@ def test_responses_forwards_the_same_extras(recording_gateway):
     assert "chat_template" not in got and "store" not in got
 
 
+def test_responses_tool_without_a_user_message_names_input(recording_gateway):
+    """The image_generation tool runs the turn in generation mode, which needs a user message: the 400 names
+    Responses' ``input`` (not chat's ``messages`` or ``modalities``); chat keeps its own wording."""
+    calls = len(_Recorder.bodies)
+    r = httpx.post(recording_gateway + "/v1/responses", timeout=10, json={
+        "model": "rec", "input": [{"role": "developer", "content": "Draw."}], "tools": [{"type": "image_generation"}]})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert (err["param"], err["code"]) == ("input", "invalid_value") and "input" in err["message"], err
+    assert "messages" not in err["message"] and "modalities" not in err["message"], err
+    assert len(_Recorder.bodies) == calls  # never reached the engine
+
+
 def test_responses_instructions_belong_to_their_turn(recording_gateway):
     """As on OpenAI, a follow-up does not carry the previous turn's instructions: its own replace them."""
     first = httpx.post(recording_gateway + "/v1/responses", json={
