@@ -53,7 +53,7 @@ def create_app(config: GatewayConfig, resolver: Resolver = system_resolver) -> F
                            "/v1/chat/completions", "/v1/completions", "/v1/images/generations", "/v1/images/edits",
                            "/v1/responses")})
     app.add_middleware(ClientTimeoutMiddleware, metrics=gateway.metrics, read_timeout_s=config.client_read_timeout_s,
-                       write_timeout_s=config.client_write_timeout_s)
+                       write_timeout_s=config.client_write_timeout_s, body_timeout_s=config.client_body_timeout_s)
     routes = frozenset(path for r in app.routes if "{" not in (path := getattr(r, "path", "")) and path
                        != app.openapi_url)
     app.add_middleware(MetricsMiddleware, metrics=gateway.metrics, routes=routes,

@@ -94,6 +94,8 @@ def register(sub: SubParsers, common: argparse.ArgumentParser) -> None:
              help="on SIGTERM: stop accepting and give in-flight requests this many seconds to finish, then exit 0")
     add_flag(p, "--client-read-timeout", env="MGM_CLIENT_READ_TIMEOUT", type=float, default=gw.client_read_timeout_s,
              help="longest pause while a request body arrives; then 408")
+    add_flag(p, "--client-body-timeout", env="MGM_CLIENT_BODY_TIMEOUT", type=float, default=gw.client_body_timeout_s,
+             help="longest a whole request body may take to arrive, however steadily it trickles; then 408")
     add_flag(p, "--client-write-timeout", env="MGM_CLIENT_WRITE_TIMEOUT", type=float,
              default=gw.client_write_timeout_s, help="longest wait for a client to read its response; then it is cut")
     add_flag(p, "--discover-interval", env="MGM_DISCOVER_INTERVAL", type=float, default=gw.discover_interval_s,
@@ -117,6 +119,7 @@ def run_gateway(args: argparse.Namespace) -> int:
             chat_max_in_flight=args.chat_max_in_flight, chat_max_queue=args.chat_max_queue,
             chat_queue_timeout_s=args.chat_queue_timeout, drain_timeout_s=args.drain_timeout,
             client_read_timeout_s=args.client_read_timeout, client_write_timeout_s=args.client_write_timeout,
+            client_body_timeout_s=args.client_body_timeout,
             discover_interval_s=args.discover_interval, max_prompt_chars_per_token=args.max_prompt_chars_per_token,
             health_interval_s=args.health_interval, engine_error_threshold=args.engine_error_threshold,
             engine_cooldown_s=args.engine_cooldown, stream_keepalive_s=args.stream_keepalive,

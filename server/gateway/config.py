@@ -76,9 +76,11 @@ class GatewayConfig:
     #: `mgm gateway` on SIGTERM: stop accepting, give in-flight requests this long to finish, then cut them.
     drain_timeout_s: float = 25.0
     #: Slow clients (server.gateway.middleware.ClientTimeoutMiddleware): the longest pause allowed while a request
-    #: body arrives (408 after it) and while a response waits for the client to read (the connection is cut).
+    #: body arrives (408 after it) and while a response waits for the client to read (the connection is cut), and
+    #: the longest a whole body may take from its first read (408: a body trickling in under the pause limit).
     client_read_timeout_s: float = 30.0
     client_write_timeout_s: float = 60.0
+    client_body_timeout_s: float = 120.0
     connect_timeout_s: float = 3.0
     request_timeout_s: float = 600.0
     probe_interval_s: float = 2.0  # how often a down engine is re-probed
@@ -103,8 +105,8 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         if self.chat_max_in_flight < 1 or self.chat_max_queue < 0 or self.chat_queue_timeout_s <= 0:
             raise ValueError("chat_max_in_flight must be >= 1, chat_max_queue >= 0, chat_queue_timeout_s > 0")
-        if self.client_read_timeout_s <= 0 or self.client_write_timeout_s <= 0:
-            raise ValueError("client_read_timeout_s and client_write_timeout_s must be > 0")
+        if self.client_read_timeout_s <= 0 or self.client_write_timeout_s <= 0 or self.client_body_timeout_s <= 0:
+            raise ValueError("client_read_timeout_s, client_write_timeout_s and client_body_timeout_s must be > 0")
         if self.max_edit_images < 1:
             raise ValueError("max_edit_images must be >= 1")
         if self.max_prompt_chars_per_token < 1:

@@ -4,8 +4,9 @@ ASGI callable and acts before FastAPI reads a body, so a refused request costs n
 * :class:`MetricsMiddleware` counts every response by route and status and times it to its last byte (streams
   included);
 * :class:`ClientTimeoutMiddleware` bounds how long a slow client can hold the gateway: a pause longer than the read
-  timeout while its body arrives is a 408, a response it does not read for longer than the write timeout is cut (and
-  whatever the request held, an admission slot or an engine, is released with it);
+  timeout while its body arrives is a 408, and so is a body still arriving when the body timeout (counted from its
+  first read) is over, however steadily it trickles; a response it does not read for longer than the write timeout
+  is cut (and whatever the request held, an admission slot or an engine, is released with it);
 * :class:`AdmissionMiddleware` authenticates, then takes an admission slot for the routes it guards (429/503 +
   ``retry-after`` when the gateway is full), held until the response's last byte;
 * :class:`BodyLimitMiddleware` refuses a declared ``Content-Length`` over the cap at once and stops a body the
@@ -130,27 +131,34 @@ class ClientGone(Exception):
 
 
 class ClientTimeoutMiddleware:
-    def __init__(self, app: ASGIApp, metrics: GatewayMetrics, read_timeout_s: float, write_timeout_s: float) -> None:
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics, read_timeout_s: float, write_timeout_s: float,
+                 body_timeout_s: float = 120.0) -> None:
         self.app, self.metrics = app, metrics
-        self.read_timeout_s, self.write_timeout_s = read_timeout_s, write_timeout_s
+        self.read_timeout_s, self.write_timeout_s, self.body_timeout_s = read_timeout_s, write_timeout_s, body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         body_done = False
+        deadline: float | None = None  # the whole body's, from its first read (not from a wait in the admission queue)
 
         async def timed_receive() -> Message:
-            nonlocal body_done
+            nonlocal body_done, deadline
             if body_done:  # afterwards receive() only waits for the disconnect: no limit
                 return await receive()
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + self.body_timeout_s
+            whole_body = deadline - now < self.read_timeout_s  # the body deadline comes before the pause limit
             try:
-                async with asyncio.timeout(self.read_timeout_s):
+                async with asyncio.timeout(min(self.read_timeout_s, max(0.0, deadline - now))):
                     message = await receive()
             except TimeoutError:
                 self.metrics.client_timeouts.labels("read").inc()
-                raise APIError(408, f"The request body paused for more than {self.read_timeout_s:g} s.",
-                               code="request_timeout") from None
+                message = f"The request body took more than {self.body_timeout_s:g} s to arrive." if whole_body \
+                    else f"The request body paused for more than {self.read_timeout_s:g} s."
+                raise APIError(408, message, code="request_timeout") from None
             body_done = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 

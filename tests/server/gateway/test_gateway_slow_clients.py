@@ -1,5 +1,6 @@
 """Slow clients cannot hold the gateway (issue: hardening, slow clients): a body that pauses longer than the read
-timeout is a 408 and frees its admission slot; a stream nobody reads is cut after the write timeout and frees its slot
+timeout is a 408 and frees its admission slot, and so is a body trickling in under that pause limit for longer than
+the body timeout; a stream nobody reads is cut after the write timeout and frees its slot
 and its engine. Real uvicorn gateway on loopback, raw sockets as the slow clients, an http.server as the engine."""
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class _Firehose(StubEngine):
 def slow_gateway(gateway_server):  # type: ignore[no-untyped-def]
     with http_server(_Firehose) as engine:
         config = GatewayConfig(engines=(engine,), chat_max_in_flight=1, chat_max_queue=0, probe_interval_s=0.2,
-                               client_read_timeout_s=0.5, client_write_timeout_s=1.0)
+                               client_read_timeout_s=0.5, client_write_timeout_s=1.0, client_body_timeout_s=1.5)
         with gateway_server(config) as base:
             yield base, gateway_server.apps[base].state.gateway
 
@@ -86,6 +87,35 @@ def test_a_paused_upload_is_a_408_and_frees_its_slot(slow_gateway):
                       json={"model": "firehose", "messages": MSG, "stream": True}) as r:
         assert r.status_code == 200  # the one slot is free again (chat_max_in_flight=1, no queue)
     assert 'mgm_gateway_client_timeouts_total{direction="read"}' in httpx.get(base + "/metrics").text
+
+
+def test_a_trickling_upload_is_a_408_at_the_body_deadline_and_frees_its_slot(slow_gateway):
+    """One byte every 0.2 s never pauses for the read timeout (0.5 s); the body timeout (1.5 s) still ends it."""
+    base, gateway = slow_gateway
+    _wait(lambda: _free(gateway), "an earlier request still holds the slot")
+    sock = _connect(base)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 1000\r\n\r\n{")
+    start = time.monotonic()
+    _wait(lambda: gateway.admission.in_flight == 1, "the upload holds no slot")
+    sock.setblocking(False)
+    reply = b""
+    while b"request_timeout" not in reply and time.monotonic() - start < 10:  # bounded; the body names the code
+        try:
+            sock.send(b" ")
+        except OSError:  # the gateway may close as soon as it has answered
+            pass
+        time.sleep(0.2)
+        try:
+            reply += sock.recv(65536)
+        except BlockingIOError:
+            pass
+    took = time.monotonic() - start
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert b"took more than 1.5 s" in reply, reply
+    assert 1.3 < took < 6, took
+    sock.close()
+    _wait(lambda: _free(gateway), "the slot was not released")
 
 
 def test_a_stream_nobody_reads_is_cut_and_frees_its_slot(slow_gateway):
