@@ -9,11 +9,13 @@ limit, and the template's stop tokens. Engines run in float32; at most one is al
 from __future__ import annotations
 
 import base64
+import functools
 import io
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from engine.names import IMAGE_TOKEN_INDEX
@@ -41,9 +43,13 @@ def data_url(image: Image.Image) -> str:
 @pytest.fixture(scope="session")
 def llm_engine(tiny_checkpoint, tmp_path_factory):
     """Factory ``(backbone, hd) -> (LLM, checkpoint path)`` keeping a single engine alive (start-ups are the cost)."""
+    import os
+
     from vllm import LLM
 
     from engine.serving import prepare_serving_files
+
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # LLM.apply_model sends a function to the engine core
 
     current: dict[tuple[str, bool], tuple[LLM, Path]] = {}
 
@@ -185,6 +191,35 @@ def test_fidelity_against_float64_reference(llm_engine, reference, backbone, hd)
         compared += clear
     assert compared >= 3, f"too few greedy tokens with a clear reference margin ({compared}) to compare"
     MEASURED[f"{backbone}{'-hd' if hd else ''}"] = worst
+
+    # 4. the image features themselves: the engine's vision front end (its default path: vLLM's CLIP, the fused
+    #    channels-last ConvNeXt, the folded mining, the projector) against the official math in float64
+    image = noise(7, (70, 50))
+    views, hr = ref.preprocess(image)
+    # A module-level function with partial arguments: the engine core unpickles it by name.
+    got, fused = llm.apply_model(functools.partial(_engine_features, views=views.float()[None], hr=hr.float()))[0]
+    got = torch.as_tensor(got, dtype=torch.float64)  # the RPC answer carries the tensor as nested lists
+    want = ref.image_tokens(image)
+    assert fused, "the engine's ConvNeXt did not take the fused CPU path"
+    assert got.shape == want.shape
+    assert ((got.double() - want).norm() / want.norm()).item() <= 1e-4  # the fp32 tolerance of the kernels' tests
+
+
+def _engine_features(model, views, hr):  # type: ignore[no-untyped-def]
+    """Runs inside the engine core: (features of one image, whether every ConvNeXt block ran the fused path)."""
+    import torch
+
+    from engine import convnext
+
+    seen = []
+    real = convnext.ConvNeXtBlock._forward_onednn
+    convnext.ConvNeXtBlock._forward_onednn = lambda self, x: seen.append(1) or real(self, x)
+    try:
+        with torch.inference_mode():
+            features = model._encode_images(views, hr)[0].cpu().tolist()
+    finally:
+        convnext.ConvNeXtBlock._forward_onednn = real
+    return features, len(seen) == sum(model.vision_tower_aux.depths)
 
 
 def test_template_stop_tokens(llm_engine, tiny_tokenizer):
