@@ -141,20 +141,59 @@ def kernels_gpu_section(data: dict) -> str:
 
 
 def encoder_cpu_section(data: dict) -> str:
-    rows = []
-    layouts = list(dict.fromkeys(r["layout"] for r in data["rows"]))
-    for layout in layouts:
-        off, ours = (next(r for r in data["rows"] if r["layout"] == layout and r["path"] == p) for p in ("official", "ours"))
-        for r in (off, ours):
-            rows.append([layout, r["path"], f"{r['median_s']:.2f}", _ratio(off["median_s"], r["median_s"], 2),
-                         f"{r['peak_mb']:.0f}", _ratio(off["peak_mb"], r["peak_mb"])])
+    rows, targets = [], []
+    tol = data.get("tolerance", {})
+
+    def find(layout: str, path: str, dtype: str, batch: int) -> dict | None:
+        return next((r for r in data["rows"] if (r["layout"], r["path"], r.get("dtype", "fp32"), r.get("batch", 1))
+                     == (layout, path, dtype, batch)), None)
+
+    for r in data["rows"]:
+        layout, dtype, batch = r["layout"], r.get("dtype", "fp32"), r.get("batch", 1)
+        base32 = find(layout, "official", "fp32", batch)
+        same = find(layout, "official", dtype, batch)
+        err = r.get("rel_error")
+        rows.append([layout, batch, r["path"], dtype, f"{r['median_s']:.2f}", f"{batch / r['median_s']:.2f}",
+                     _ratio(base32["median_s"], r["median_s"], 2) if base32 else "-",
+                     _ratio(same["median_s"], r["median_s"], 2) if same else "-", f"{r['peak_mb']:.0f}",
+                     _ratio(same["peak_mb"], r["peak_mb"]) if same else "-",
+                     f"{err:.1e}" if err is not None else "-"])
+    for layout in dict.fromkeys(r["layout"] for r in data["rows"]):
+        ours, off32, off16 = (find(layout, p, d, 1) for p, d in (("ours", "bf16"), ("official", "fp32"),
+                                                                 ("official", "bf16")))
+        if not (ours and off32 and off16):
+            continue
+        for label, off in (("official fp32", off32), ("official bf16 (the same dtype)", off16)):
+            x = off["median_s"] / ours["median_s"]
+            targets.append(f"- {layout}, ours bf16 vs {label}: **{x:.2f}x** (target >= 2.5x): "
+                           f"{'met' if x >= 2.5 else 'missed'}")
+        if ours.get("rel_error") is not None and "bf16" in tol:
+            ok = ours["rel_error"] <= tol["bf16"]
+            targets.append(f"- {layout}, ours bf16 relative error vs float64: {ours['rel_error']:.1e} (tolerance "
+                           f"{tol['bf16']:.0e}; the official path at bf16: {off16.get('rel_error', float('nan')):.1e}):"
+                           f" {'met' if ok else 'missed'}")
+        if layout.startswith("HD"):
+            m = off32["peak_mb"] / max(find(layout, "ours", "fp32", 1)["peak_mb"], 1e-9)
+            m16 = off16["peak_mb"] / max(ours["peak_mb"], 1e-9)
+            targets.append(f"- HD peak memory below the official path's (target >= 8x): fp32 **{m:.1f}x**, bf16 "
+                           f"**{m16:.1f}x**: {'met' if min(m, m16) >= 8 else 'missed'}")
+    threads = data["rows"][0].get("threads")
     return ("## Vision front end, CPU\n\n"
-            f"Machine: {data['machine']}; torch {data['torch']}; float32, one image, random weights at the real "
-            "sizes (CLIP ViT-L/14-336, ConvNeXt-L, mining, mlp2x_gelu to 4096). Median of "
+            f"Machine: {data['machine']}; torch {data['torch']}"
+            + (f", {threads} threads" if threads else "")
+            + "; random weights at the real sizes (CLIP ViT-L/14-336, ConvNeXt-L, mining, mlp2x_gelu to 4096). "
+            "**official**: HF CLIP (24 layers, the second to last taken), timm's plain ConvNeXt block, the reference "
+            "mining over the 2880-channel map. **ours**: what the engine runs: vLLM's CLIPVisionModel with 23 layers "
+            "and its CPU GEMM dispatch, the fused channels-last ConvNeXt blocks (engine/convnext.py), the folded "
+            "mining (kernels). Median of "
             f"{len(data['rows'][0]['times_s'])} runs; peak = resident memory above the level before the call (own "
-            "process per row). `python -m bench.encoder`.\n\n"
-            + markdown_table(["layout", "path", "median (s)", "speed-up", "peak extra (MB)", "memory vs official"], rows)
-            + "\n\nTarget: HD peak memory <= 1/8 of the official path.\n")
+            "process per row); relative error = ||out - exact|| / ||exact|| of the batch-1 output against the same "
+            "weights in float64. Batch > 1: images one engine step encodes together. `python -m bench.encoder`.\n\n"
+            + markdown_table(["layout", "batch", "path", "dtype", "median (s)", "images/s", "vs official fp32",
+                              "vs official, same dtype", "peak extra (MB)", "memory vs official, same dtype",
+                              "rel. error vs float64"], rows)
+            + ("\n\nTargets (issue #18):\n\n" + "\n".join(targets) if targets else "")
+            + "\n")
 
 
 def encoder_gpu_section(rows: list[dict]) -> str:

@@ -34,3 +34,31 @@ def test_convnext_slabs_match_whole_map(monkeypatch):
         slabs = tower(x)
     for a, b in zip(whole, slabs):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_engine_clip_path_matches_float64():
+    """`ours` with the engine's own CLIP (vLLM's tower, its CPU GEMM dispatch) and the fused ConvNeXt computes the
+    official math: float32 within the fp32 tolerance of the float64 evaluation. A child process, because vLLM's
+    distributed state is process-wide."""
+    import json
+    import subprocess
+    import sys
+
+    code = f"""
+import json, torch
+from bench.encoder import build, images
+kw = dict(clip={TINY_CLIP!r}, convnext={TINY_CONVNEXT!r}, lm_hidden=48, seed=3)
+exact = build("HD 1536px", "cpu", torch.float64, **kw)
+fe = build("HD 1536px", "cpu", torch.float32, **kw)
+fe.use_engine_clip()
+hr = images(exact, 2, torch.float64)
+with torch.inference_mode():
+    ref, ours = exact.exact(hr), fe.ours(hr.float())
+print(json.dumps({{"err": ((ours.double() - ref).norm() / ref.norm()).item(), "engine": fe.engine_clip is not None,
+                  "layers": len(fe.engine_clip.vision_model.encoder.layers)}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["engine"] and result["layers"] == TINY_CLIP["num_hidden_layers"] - 1
+    assert result["err"] <= 1e-4, result
