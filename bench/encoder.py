@@ -44,8 +44,9 @@ DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, 
 #: Several images in one engine step: vLLM encodes the images of the requests it schedules together, up to its
 #: encoder budget (max_num_batched_tokens): 4 x 576 tokens at 768 px, 2 x 2880 at HD with a budget of >= 5760.
 CPU_BATCH = {"768px": 4, "HD 1536px": 2}
-#: (path, dtype) rows per layout at batch 1; the engine batch is measured for bf16, the dtype vLLM runs on the CPU.
-CPU_ROWS = (("official", "fp32"), ("ours", "fp32"), ("official", "bf16"), ("ours", "bf16"))
+#: (path, dtype) rows per layout at batch 1: the official code as shipped loads everything in fp16; fp32 and bf16 for
+#: both paths. The engine batch is measured for bf16, the dtype vLLM runs on the CPU.
+CPU_ROWS = (("official", "fp16"), ("official", "fp32"), ("ours", "fp32"), ("official", "bf16"), ("ours", "bf16"))
 BATCH_ROWS = (("official", "bf16"), ("ours", "bf16"))
 #: Relative error vs float64 accepted per dtype: the mining kernels' test tolerances (tests/kernels).
 TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 4e-3}
@@ -225,22 +226,48 @@ def cpu_table(out: str, repeats: int, layouts: list[str]) -> str:
     return report.render(out, ["encoder-cpu"])
 
 
+def rel_errors(layout: str, device: str, dtype: torch.dtype, **sizes: object) -> dict[str, float]:
+    """Relative error of both paths' output for one image at ``dtype`` against the same weights in float64, all on
+    ``device`` (``sizes``: build()'s keyword arguments, for tests at small sizes)."""
+    exact = build(layout, device, torch.float64, **sizes)  # type: ignore[arg-type]
+    hr = images(exact, 1, torch.float64).to(device)
+    with torch.inference_mode():
+        ref = exact.exact(hr)
+    del exact
+    fe = build(layout, device, dtype, **sizes)  # type: ignore[arg-type]
+    errors = {}
+    with torch.inference_mode():
+        for path in ("official", "ours"):
+            got = getattr(fe, path)(hr.to(dtype)).double()
+            errors[path] = ((got - ref).norm() / ref.norm()).item()
+    return errors
+
+
+GPU_BATCH = {"768px": 8, "HD 1536px": 2}
+
+
 def gpu_images_per_s(dtype: torch.dtype) -> list[dict]:
-    """Images/s of both paths on the GPU, batch 8 (768 px) and 2 (HD), CUDA-event medians."""
+    """Images/s of both paths on the GPU at batch 1 and an engine batch (8 at 768 px, 2 at HD), CUDA-event medians,
+    and each path's error against float64."""
     import triton
     rows = []
-    for layout, batch in (("768px", 8), ("HD 1536px", 2)):
+    for layout, engine_batch in GPU_BATCH.items():
+        errors = rel_errors(layout, "cuda", dtype)
+        torch.cuda.empty_cache()
         fe = build(layout, "cuda", dtype)
-        hr = torch.randn(batch, 3, hr_size(fe), hr_size(fe), device="cuda", dtype=dtype)
-        for path in ("official", "ours"):
-            fn = getattr(fe, path)
-            with torch.inference_mode():
-                fn(hr)
-                with CudaPeak() as peak:
-                    ms = triton.testing.do_bench(lambda: fn(hr), warmup=10, rep=60, return_mode="median")
-            rows.append({"layout": layout, "batch": batch, "path": path, "ms": ms, "images_per_s": batch / ms * 1e3,
-                         "peak_mb": peak.mb, "device": torch.cuda.get_device_name(), "dtype": str(dtype)})
-            print(json.dumps(rows[-1]), flush=True)
+        for batch in (1, engine_batch):
+            hr = images(fe, batch, dtype).to("cuda")
+            for path in ("official", "ours"):
+                fn = getattr(fe, path)
+                with torch.inference_mode():
+                    fn(hr)
+                    with CudaPeak() as peak:
+                        ms = triton.testing.do_bench(lambda: fn(hr), warmup=10, rep=60, return_mode="median")
+                rows.append({"layout": layout, "batch": batch, "path": path, "ms": ms,
+                             "images_per_s": batch / ms * 1e3, "peak_mb": peak.mb, "rel_error": errors[path],
+                             "device": torch.cuda.get_device_name(), "dtype": str(dtype)})
+                print(json.dumps(rows[-1]), flush=True)
+        del fe
         torch.cuda.empty_cache()
     return rows
 

@@ -62,3 +62,12 @@ print(json.dumps({{"err": ((ours.double() - ref).norm() / ref.norm()).item(), "e
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["engine"] and result["layers"] == TINY_CLIP["num_hidden_layers"] - 1
     assert result["err"] <= 1e-4, result
+
+
+def test_rel_errors_of_both_paths():
+    """The accuracy column of the GPU check, run here on the CPU at small sizes: both paths near float64."""
+    from bench.encoder import rel_errors
+
+    errors = rel_errors("HD 1536px", "cpu", torch.float32, clip=TINY_CLIP, convnext=TINY_CONVNEXT, lm_hidden=48, seed=3)
+    assert set(errors) == {"official", "ours"}
+    assert all(0 < e <= 1e-4 for e in errors.values()), errors
