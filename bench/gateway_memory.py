@@ -194,12 +194,14 @@ def measure() -> dict[str, Any]:
             rows.append({"case": "the 30 MiB body of small values with the item cap lifted (what the cap prevents), "
                                  "1 request", **_peak(proc, _post(base, values))})
     return {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                       f"{round(psutil.virtual_memory().total / 2**30)} GiB", "rows": rows}
+                       f"{round(psutil.virtual_memory().total / 2**30)} GiB",
+            "date": time.strftime("%Y-%m-%d"), "rows": rows}
 
 
 def render(results: dict[str, Any]) -> str:
     lines = [f"Peak resident memory of one `mgm gateway` process (default limits; 64 MiB body cap), measured by "
-             f"`python -m bench.gateway_memory` on {results['machine']}. \"Above idle\" is the peak minus the "
+             f"`python -m bench.gateway_memory` on {results['machine']}"
+             + (f" on {results['date']}" if results.get("date") else "") + ". \"Above idle\" is the peak minus the "
              "process's resident memory just before the case.", "",
              "| case | statuses | peak above idle (MiB) | peak (MiB) | seconds |", "|---|---|---|---|---|"]
     for row in results["rows"]:

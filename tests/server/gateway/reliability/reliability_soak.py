@@ -36,7 +36,10 @@ from server.procs import Child, free_ports, stop_children  # noqa: E402
 
 #: kind → (weight, statuses that count as expected)
 MIX = {"chat": (30, {200}), "stream": (25, {200}), "data-url image": (15, {200}), "http image": (10, {200}),
-       "hang up mid-stream": (5, {200}), "bad request": (10, {400, 404}), "images API": (5, {200})}
+       "hang up mid-stream": (5, {200}), "bad request": (10, {400, 404}), "images API": (5, {200}),
+       "image edit": (3, {200}), "responses": (5, {200}), "responses stream": (4, {200}), "tool call": (4, {200})}
+TOOL = {"type": "function", "function": {"name": "lookup", "description": "Look a number up.", "parameters": {
+    "type": "object", "properties": {"number": {"type": "integer"}}, "required": ["number"]}}}
 
 
 class _Files(BaseHTTPRequestHandler):
@@ -111,6 +114,24 @@ async def _one(client: httpx.AsyncClient, base: str, model: str, kind: str, file
                           {**chat, "messages": [{"role": "user", "content": [
                               {"type": "image_url", "image_url": {"url": "http://169.254.169.254/"}}]}]}])
         return (await client.post(url, json=bad)).status_code
+    if kind == "tool call":
+        body = {**chat, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "lookup"}},
+                "max_tokens": 48}
+        return (await client.post(url, json=body)).status_code
+    if kind in ("responses", "responses stream"):
+        body = {"model": model, "input": text["content"], "max_output_tokens": rnd.randint(4, 32),
+                "store": rnd.random() < 0.5}
+        if kind == "responses":
+            return (await client.post(base + "/v1/responses", json=body)).status_code
+        async with client.stream("POST", base + "/v1/responses", json={**body, "stream": True}) as r:
+            async for _line in r.aiter_lines():
+                pass
+            return r.status_code
+    if kind == "image edit":
+        form = {"prompt": "make it blue", "num_inference_steps": "2", "enhance_prompt": "false",
+                "response_format": "b64_json"}
+        files_ = {"image": ("in.png", PNG, "image/png")}
+        return (await client.post(base + "/v1/images/edits", data=form, files=files_)).status_code
     body = {"prompt": "a lighthouse", "size": "64x64", "num_inference_steps": 2, "enhance_prompt": False,
             "response_format": "b64_json"}
     return (await client.post(base + "/v1/images/generations", json=body)).status_code
