@@ -23,7 +23,7 @@ from starlette.formparsers import MultiPartException
 from server.errors import APIError, validation_error
 from server.gateway.config import ImagePolicy
 from server.gateway.image_fetch import Resolver, decode_data_url, describe_image, fetch_bytes
-from server.gateway.protocol import ImageEditRequest
+from server.gateway.protocol import ImageEditRequest, ImageReference
 
 #: What SDXL's img2img/inpainting take (and what OpenAI's edits accept).
 EDIT_TYPES = ("image/png", "image/jpeg", "image/webp")
@@ -138,12 +138,24 @@ async def read_edit_body(request: Request, max_images: int) -> EditBody:
         raise validation_error(exc.errors()) from None
     if ctype != "multipart/form-data":
         images = [req.image] if isinstance(req.image, str) else list(req.image or [])
-        mask = req.mask
+        images += [reference_url(ref, f"images[{i}]") for i, ref in enumerate(req.images or [])]
+        mask = reference_url(req.mask, "mask") if isinstance(req.mask, ImageReference) else req.mask
     if not images:
         raise APIError(400, "Missing required parameter: 'image'.", param="image", code="missing_required_parameter")
     if len(images) > max_images:
         raise too_many_images(max_images)
     return EditBody(req, images, mask)
+
+
+def reference_url(ref: ImageReference, param: str) -> str:
+    """The URL of an OpenAI image reference; a ``file_id`` needs a Files API, which this server does not have."""
+    if ref.image_url:
+        return ref.image_url
+    if ref.file_id:
+        raise APIError(400, f"'{param}.file_id' is not supported: this server has no Files API; send the image as "
+                            f"'{param}.image_url' (a URL or a data URL) or upload it as multipart.",
+                       param=f"{param}.file_id", code="unsupported_parameter")
+    raise APIError(400, f"'{param}' needs an 'image_url'.", param=param, code="missing_required_parameter")
 
 
 def too_many_images(max_images: int) -> APIError:

@@ -201,12 +201,21 @@ class ImageGenerationRequest(ImageOptions):
         return "image_generation"
 
 
+class ImageReference(BaseModel):
+    """OpenAI's JSON reference to an image in an edit: a URL or data URL, or the id of an uploaded file."""
+
+    image_url: str | None = None
+    file_id: str | None = None
+
+
 class ImageEditRequest(ImageGenerationRequest):
     """``POST /v1/images/edits``: the images (multipart uploads, or URLs / data URLs in JSON) are read off the request
-    by the route; ``image``/``mask`` here are the JSON forms."""
+    by the route; ``image``/``images``/``mask`` here are the JSON forms (``images`` and an object ``mask`` are
+    OpenAI's references, plain URL strings are this server's shorthand)."""
 
     image: str | list[str] | None = None
-    mask: str | None = None
+    images: list[ImageReference] | None = None
+    mask: str | ImageReference | None = None
     #: How far SDXL moves away from the first image (img2img/inpaint ``strength``); the worker's default when unset.
     strength: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
 

@@ -271,3 +271,19 @@ def test_openapi_edit_form_documents_image_and_image_brackets(gateway_server):
     for name in ("image", "image[]"):
         assert form["properties"][name]["oneOf"] == [binary, {"type": "array", "items": binary}]
     assert form["required"] == ["prompt"] and form["anyOf"] == [{"required": ["image"]}, {"required": ["image[]"]}]
+
+
+def test_json_edit_with_openai_image_references(gateway_server):
+    """OpenAI's JSON shape: ``images: [{image_url}]`` and ``mask: {image_url}``; a ``file_id`` is a clear 400."""
+    body = {"prompt": "a snowy roof", "images": [{"image_url": _data_url(RED)}], "mask": {"image_url": _data_url(MASK)},
+            "enhance_prompt": False, "response_format": "b64_json"}
+    with _stack(gateway_server) as (base, _engine, worker):
+        r = httpx.post(base + "/v1/images/edits", headers=HEADERS, timeout=30, json=body)
+        assert r.status_code == 200, r.text
+        (job,) = worker.payloads
+        assert (job["image"], job["mask"]) == (_b64(RED), _b64(MASK))
+        for bad, param in (({"images": [{"image_url": _data_url(RED)}, {"file_id": "file-abc"}]}, "images[1].file_id"),
+                           ({"images": [{}]}, "images[0]"), ({"mask": {"file_id": "file-abc"}}, "mask.file_id")):
+            r = httpx.post(base + "/v1/images/edits", headers=HEADERS, timeout=30, json={**body, **bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        assert len(worker.payloads) == 1  # nothing refused reached the worker
