@@ -104,17 +104,17 @@ def _png(color: tuple[int, int, int], size: tuple[int, int] = (48, 32)) -> bytes
     return buf.getvalue()
 
 
-def _drop_or_paste(page, how: str, png: bytes, name: str) -> None:  # type: ignore[no-untyped-def]
-    """A real DataTransfer holding a PNG file, dispatched as a drop on the message box or a paste into it."""
-    page.evaluate("""([how, bytes, name]) => {
+def _drop_or_paste(page, how: str, png: bytes, name: str, target: str = "prompt") -> None:  # type: ignore[no-untyped-def]
+    """A real DataTransfer holding a PNG file, dispatched as a drop on (or a paste into) the element ``target``."""
+    page.evaluate("""([how, bytes, name, id]) => {
         const dt = new DataTransfer();
         dt.items.add(new File([new Uint8Array(bytes)], name, {type: "image/png"}));
-        const target = document.getElementById("prompt");
+        const target = document.getElementById(id);
         const event = how === "drop"
             ? new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true})
             : new ClipboardEvent("paste", {clipboardData: dt, bubbles: true, cancelable: true});
         target.dispatchEvent(event);
-    }""", [how, list(png), name])
+    }""", [how, list(png), name, target])
 
 
 def _watch_text(page) -> None:  # type: ignore[no-untyped-def]
@@ -472,6 +472,12 @@ def test_edit_tab_paints_a_mask_and_streams_previews(stack, browser, tmp_path): 
     hole.save(mask_file)
     page.set_input_files("#edit-mask-file", str(mask_file))
     page.wait_for_function("() => document.getElementById('edit-mask-status').textContent.includes('red part')")
+    # a dropped image, then a pasted one, replace the picture (and its mask)
+    for event, size in (("drop", (40, 30)), ("paste", (50, 20))):
+        _drop_or_paste(page, event, _png((200, 40, 40), size), "given.png", target="edit-drop")
+        page.wait_for_function("(w) => document.getElementById('edit-canvas').width === w", arg=size[0])
+        assert page.evaluate("document.getElementById('edit-canvas').height") == size[1], event
+        assert "whole image" in page.text_content("#edit-mask-status"), event
     visit.close()
 
 
