@@ -51,8 +51,9 @@ class Mlp(nn.Module):
 
 def onednn_fusable(x: torch.Tensor) -> bool:
     """Whether oneDNN's fused linear-pointwise ops serve this tensor: CPU, float32, or bfloat16 on a CPU oneDNN runs
-    bf16 on (AVX-512 or AMX); float64 and CUDA tensors take the plain path."""
-    if x.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+    bf16 on (AVX-512 or AMX), with autograd off (the ops have no backward; inference always runs without grad);
+    float64 and CUDA tensors take the plain path."""
+    if x.device.type != "cpu" or torch.is_grad_enabled() or not torch.backends.mkldnn.is_available():
         return False
     if x.dtype == torch.float32:
         return True

@@ -130,6 +130,8 @@ def test_cpu_default_is_the_fused_path(monkeypatch):
         assert len(calls) == sum(tower.depths)  # float64 (the exact reference) never takes it
         tower.float().use_onednn(False)(torch.randn(1, 3, 64, 64))
         assert len(calls) == sum(tower.depths)
+    tower.use_onednn(True)(torch.randn(1, 3, 64, 64))  # with autograd on (training code): the plain, differentiable block
+    assert len(calls) == sum(tower.depths)
 
 
 @pytest.mark.parametrize("slab", [16384, 100])  # 100: many slabs, the last one partial
