@@ -104,9 +104,8 @@ def _fake_backends(worker_data: list[dict], delay_s: float):  # type: ignore[no-
     """A streaming fake engine whose answer has a caption, and a fake SDXL worker that takes ``delay_s`` per job."""
     import json
     import time
-    from http.server import BaseHTTPRequestHandler
 
-    from support.stub_engine import StubEngine
+    from support.stub_engine import StubEngine, StubWorker
 
     def chunk(delta: dict, finish: str | None = None) -> bytes:  # type: ignore[type-arg]
         payload = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": "fake",
@@ -126,25 +125,11 @@ def _fake_backends(worker_data: list[dict], delay_s: float):  # type: ignore[no-
                 self.wfile.write(event)
                 self.wfile.flush()
 
-    class Worker(BaseHTTPRequestHandler):
-        def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
-            pass
-
-        def _json(self, payload: object) -> None:
-            body = json.dumps(payload).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self) -> None:
-            self._json({"status": "ready", "max_batch": 1})
-
+    class Worker(StubWorker):
         def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            self.read_body()
             time.sleep(delay_s)
-            self._json({"data": worker_data})
+            self.send_object({"data": worker_data})
 
     return Engine, Worker
 

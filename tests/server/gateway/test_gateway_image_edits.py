@@ -11,7 +11,6 @@ import contextlib
 import io
 import json
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import httpx
@@ -19,7 +18,7 @@ import pytest
 from PIL import Image
 
 from support.live import http_server
-from support.stub_engine import StubEngine
+from support.stub_engine import StubEngine, StubWorker
 
 from engine.names import GEN_SUFFIX
 from server.gateway.config import GatewayConfig
@@ -63,49 +62,29 @@ class _Engine(StubEngine):
             "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}}).encode())
 
 
-class _Worker(BaseHTTPRequestHandler):
+class _Worker(StubWorker):
     """A fake ``mgm sdxl-worker``: /ready (max_batch 4); /v1/generate records the job and answers FINAL images, or
     streamed one PREVIEW and then ``stream_end``: ``image`` (the final image and [DONE]), ``error`` (the worker's
     error event) or ``cut`` (the connection closes)."""
 
+    max_batch = 4
     stream_end = "image"
     payloads: list[dict[str, Any]] = []
 
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def _json(self, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self) -> None:
-        self._json({"status": "ready", "max_batch": 4})
-
     def do_POST(self) -> None:
-        payload = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+        payload = json.loads(self.read_body())
         type(self).payloads.append(payload)
         if not payload.get("stream"):
-            self._json({"data": [{"b64_json": FINAL, "seed": i} for i in range(payload["n"])]})
+            self.send_object({"data": [{"b64_json": FINAL, "seed": i} for i in range(payload["n"])]})
             return
-        self.send_response(200)  # HTTP/1.0, no length: the body ends when the connection closes
-        self.send_header("Content-Type", "text/event-stream")
-        self.end_headers()
-
-        def event(body: dict[str, Any]) -> None:
-            self.wfile.write(b"data: " + json.dumps(body).encode() + b"\n\n")
-            self.wfile.flush()
-
-        event({"type": "partial_image", "index": 0, "partial_image_index": 0, "b64_json": PREVIEW})
+        self.start_events()
+        self.write_event({"type": "partial_image", "index": 0, "partial_image_index": 0, "b64_json": PREVIEW})
         if self.stream_end == "image":
-            event({"type": "image", "index": 0, "seed": 1, "b64_json": FINAL})
+            self.write_event({"type": "image", "index": 0, "seed": 1, "b64_json": FINAL})
             self.wfile.write(b"data: [DONE]\n\n")
         elif self.stream_end == "error":
-            event({"type": "error", "error": {"message": "CUDA out of memory.", "type": "server_error", "param": None,
-                                              "code": "out_of_memory"}})
+            self.write_event({"type": "error", "error": {"message": "CUDA out of memory.", "type": "server_error",
+                                                         "param": None, "code": "out_of_memory"}})
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import io
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import httpx
 import numpy as np
@@ -19,7 +19,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from support.live import http_server
-from support.stub_engine import StubEngine
+from support.stub_engine import StubEngine, StubWorker
 
 from server.procs import free_port
 from server.gateway.config import GatewayConfig
@@ -289,30 +289,17 @@ def test_dead_worker_is_retried_on_the_other_then_503(client, gateway, engine, s
         assert httpx.get(base + "/ready", timeout=10).status_code == 503
 
 
-class _FakeWorker(BaseHTTPRequestHandler):
+class _FakeWorker(StubWorker):
     """/ready → 200 (max_batch 2); /v1/generate → 503 (a worker that is shutting down)."""
 
+    max_batch = 2
     generate_calls = 0
 
-    def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
-        pass
-
-    def _send(self, status: int, body: dict) -> None:  # type: ignore[type-arg]
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self) -> None:
-        self._send(200, {"status": "ready", "max_batch": 2})
-
     def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.read_body()
         type(self).generate_calls += 1
-        self._send(503, {"error": {"message": "shutting down", "type": "server_error", "param": None,
-                                   "code": "shutting_down"}})
+        self.send_object({"error": {"message": "shutting down", "type": "server_error", "param": None,
+                                    "code": "shutting_down"}}, 503)
 
 
 def test_down_worker_is_reprobed_and_a_503_moves_the_job(engine, sdxl_workers, gateway_server):

@@ -12,11 +12,10 @@ import base64
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler
 
 import httpx
 from support.live import http_server
-from support.stub_engine import StubEngine
+from support.stub_engine import StubEngine, StubWorker
 
 from server.gateway.config import GatewayConfig
 from server.procs import png_data_url
@@ -54,39 +53,24 @@ class _Engine(StubEngine):
         self.write_chunk(b"")
 
 
-class _Worker(BaseHTTPRequestHandler):
+class _Worker(StubWorker):
     """/ready → ready, max_batch 1; /v1/generate waits until ``gate`` is set, then answers one image (an event
 stream when asked)."""
 
     gate: threading.Event
     jobs: list[float] = []
 
-    def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
-        pass
-
-    def _json(self, payload: object) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self) -> None:
-        self._json({"status": "ready", "max_batch": 1})
-
     def do_POST(self) -> None:
-        payload = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+        payload = json.loads(self.read_body())
         type(self).jobs.append(time.monotonic())
         type(self).gate.wait(60)
         image = {"b64_json": base64.b64encode(PNG).decode(), "seed": 1}
         if not payload.get("stream"):
-            self._json({"data": [image]})
+            self.send_object({"data": [image]})
             return
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.end_headers()  # HTTP/1.0: the body ends when the connection closes
-        self.wfile.write(b"data: " + json.dumps({"type": "image", "index": 0, **image}).encode() + b"\n\ndata: [DONE]\n\n")
+        self.start_events()
+        self.write_event({"type": "image", "index": 0, **image})
+        self.wfile.write(b"data: [DONE]\n\n")
 
 
 def _wait(predicate, what: str, timeout: float = 10) -> None:  # type: ignore[no-untyped-def]
