@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -81,32 +81,30 @@ def generation_options(body: dict[str, Any]) -> ImageOptions | None:
 
 @dataclass
 class Generation:
-    """One any-to-any request: its image options and size, where stored images are served from, and its places in
-    the SDXL pool (one per choice, reserved up front as the images API does, so that a full pool is a 429 before
-    any engine time is spent; :meth:`release` gives them back once the images are drawn or the request failed)."""
+    """One any-to-any request: its image options and size, where stored images are served from, and how many
+    images it may draw (one per choice)."""
 
     images: ImagesService
     options: ImageOptions
     size: tuple[int, int]
     base_url: str
-    reservation: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    places: int
 
     @classmethod
     def prepare(cls, images: ImagesService, body: dict[str, Any], base_url: str) -> Generation | None:
-        """Read the generation fields off ``body``, add the ``<GEN>`` suffix and reserve the SDXL places (429/503
-        here); None for a plain chat request."""
+        """Read the generation fields off ``body`` and add the ``<GEN>`` suffix; None for a plain chat request."""
         options = generation_options(body)
         if options is None:
             return None
-        pool = images.pool("modalities")
+        images.pool("modalities")
         add_gen_suffix(body["messages"])
-        generation = cls(images, options, images.size(options.size, "image_options.size"), base_url)
-        generation.reservation.enter_context(pool.reserve(max(1, int(body.get("n") or 1))))
-        return generation
+        return cls(images, options, images.size(options.size, "image_options.size"), base_url,
+                   max(1, int(body.get("n") or 1)))
 
-    def release(self) -> None:
-        """Give the SDXL places back (idempotent)."""
-        self.reservation.close()
+    def reserve(self) -> contextlib.AbstractContextManager[None]:
+        """Its places in the SDXL pool, reserved up front as the images API does (429/503 on entry), so that a full
+        pool costs no engine time; the drawing then runs ``reserved``."""
+        return self.images.pool("modalities").reserve(self.places)
 
     async def add_images(self, payload: dict[str, Any]) -> dict[str, Any]:
         """A non-streamed completion with ``message.images`` added to each choice that has a caption."""

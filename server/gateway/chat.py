@@ -19,7 +19,7 @@ from server.gateway.metrics import GatewayMetrics
 from server.gateway.models import ModelCatalog
 from server.gateway.protocol import ENGINE_EXTRAS, GATEWAY_EXTRAS, ChatCompletionRequest
 from server.gateway.relay import ChatRelay
-from server.gateway.streaming import EventStream, release_after
+from server.gateway.streaming import EventStream, respond_holding
 from server.gateway.tools import ToolPlan
 
 logger = logging.getLogger("mgm.gateway")
@@ -96,15 +96,12 @@ class ChatService:
         body.setdefault("add_special_tokens", True)
         tools = ToolPlan.prepare(body)  # before merging: tool results become user turns
         body["messages"] = merge_turns(body["messages"])
-        generation = Generation.prepare(self.images, body, base_url)  # holds its SDXL places from here on
+        generation = Generation.prepare(self.images, body, base_url)
         if generation is None:
             return await self._relay(req, body, tools, None, request_id)
-        try:
-            response = await self._relay(req, body, tools, generation, request_id)
-        except BaseException:
-            generation.release()
-            raise
-        return release_after(response, generation.release)  # a stream gives them back when it ends
+        # its SDXL places, held until the answer (or its stream) is done
+        return await respond_holding(generation.reserve(),
+                                     lambda: self._relay(req, body, tools, generation, request_id))
 
     async def _relay(self, req: ChatCompletionRequest, body: dict[str, Any], tools: ToolPlan | None,
                      generation: Generation | None, request_id: str | None) -> Response:

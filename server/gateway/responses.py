@@ -11,7 +11,6 @@ img2img from it, so "make it night" edits the last picture."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import secrets
@@ -31,7 +30,7 @@ from server.gateway.chat import ChatService, merge_turns
 from server.gateway.image_fetch import inline_images
 from server.gateway.image_generation import extract_caption
 from server.gateway.protocol import ENGINE_EXTRAS, ChatCompletionRequest, ImageOptions
-from server.gateway.streaming import release_after
+from server.gateway.streaming import respond_holding
 from server.gateway.responses_protocol import ImageGenerationTool, InputMessage, ResponsesRequest
 from server.store import Blob, BlobStore, StoreUnavailable
 
@@ -297,10 +296,7 @@ class ResponsesService:
             return await self._create(turn, request_id)
         # the tool's image: its SDXL place is reserved up front (as the images API does), so a full pool is a 429
         # before any engine time is spent, and given back when the response (or its stream) is done
-        with contextlib.ExitStack() as reservation:
-            reservation.enter_context(self.chat.images.pool("tools").reserve(1))
-            response = await self._create(turn, request_id)
-            return release_after(response, reservation.pop_all().close)
+        return await respond_holding(self.chat.images.pool("tools").reserve(1), lambda: self._create(turn, request_id))
 
     async def _create(self, turn: Turn, request_id: str | None) -> Response:
         req = turn.req

@@ -10,6 +10,7 @@ started (the client left before the first byte)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -42,6 +43,16 @@ class EventStream(StreamingResponse):
         finally:
             if self.on_close is not None:
                 await self.on_close()
+
+
+async def respond_holding(hold: contextlib.AbstractContextManager[object],
+                          respond: Callable[[], Awaitable[Response]]) -> Response:
+    """Enter ``hold`` (SDXL places: its 429 comes before any engine time is spent), build the response, and keep
+    ``hold`` until that response is done with it (:func:`release_after`); given back at once if building fails."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(hold)
+        response = await respond()
+        return release_after(response, stack.pop_all().close)
 
 
 def release_after(response: Response, release: Callable[[], None]) -> Response:
