@@ -140,10 +140,12 @@ class ConvNeXtTower(nn.Module):
         self.vision_stages = nn.ModuleList(
             ConvNeXtStage(dims[max(s - 1, 0)], dims[s], depths[s], downsample=s > 0) for s in range(len(dims))
         )
+        self.onednn = True  # see use_onednn
         self.eval()  # inference-only module; there is no stochastic layer, but keep the contract explicit
 
     def use_onednn(self, enabled: bool) -> ConvNeXtTower:
         """Turn the fused CPU block path on (the default) or off (the plain formulation, as timm computes it)."""
+        self.onednn = enabled
         for module in self.modules():
             if isinstance(module, ConvNeXtBlock):
                 module.onednn = enabled
@@ -157,7 +159,7 @@ class ConvNeXtTower(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         x = pixels.to(self.vision_stem[0].weight.dtype)
-        if onednn_fusable(x) and any(b.onednn for b in self.modules() if isinstance(b, ConvNeXtBlock)):
+        if self.onednn and onednn_fusable(x):
             x = x.contiguous(memory_format=torch.channels_last)  # so stem, norms and downsamples stay channels-last
         x = self.vision_stem(x)
         outputs = []
