@@ -132,7 +132,7 @@ class ClientGone(Exception):
 
 class ClientTimeoutMiddleware:
     def __init__(self, app: ASGIApp, metrics: GatewayMetrics, read_timeout_s: float, write_timeout_s: float,
-                 body_timeout_s: float = 120.0) -> None:
+                 body_timeout_s: float) -> None:
         self.app, self.metrics = app, metrics
         self.read_timeout_s, self.write_timeout_s, self.body_timeout_s = read_timeout_s, write_timeout_s, body_timeout_s
 
