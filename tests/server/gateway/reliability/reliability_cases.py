@@ -353,6 +353,11 @@ def _cases() -> list[Case]:
              path=EDITS, body={"prompt": "x", "image": "http://169.254.169.254/latest/meta-data/"}))
     add(Case("image edits", "image over the 1 MiB image cap (URL, JSON body)", 413, "image_too_large", "image",
              path=EDITS, body={"prompt": "x", "image": "{files}/huge.png"}, gateway="loopback"))
+    add(Case("image edits", "`images[0].file_id` (OpenAI's JSON reference; no Files API here)", 400,
+             "unsupported_parameter", "images[0].file_id", path=EDITS,
+             body={"prompt": "x", "images": [{"file_id": "file-abc"}]}))
+    add(Case("image edits", "`images[0]` with neither `image_url` nor `file_id`", 400, "missing_required_parameter",
+             "images[0]", path=EDITS, body={"prompt": "x", "images": [{}]}))
     add(Case("image edits", "without a key", 401, "missing_api_key", auth=None, **_edit()))
     # --- Responses API --------------------------------------------------------------------------------------------
     for name, body, status, code, param in [
