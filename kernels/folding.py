@@ -73,6 +73,10 @@ class Footprint:
     start: torch.Tensor  # (windows_per_axis,) int64: first stage row of each window's footprint
     size: int  # footprint side in stage pixels
     identity: bool  # window pixels are stage pixels (stage 0 of the crops): no resampling needed
+    # pairs[d][w, a, y] = weights[w, a, y] * weights[w, a, y + d] for d < band, band being the most adjacent stage
+    # pixels any window pixel reads (2 for an upsample, 3 for the global view's down-after-up): the weights of
+    # sum_c h_c^2, which the torch path takes from products of neighbouring footprint pixels.
+    pairs: tuple[torch.Tensor, ...]
 
 
 def _linear_1d(n_in: int, **kwargs) -> torch.Tensor:
@@ -98,7 +102,11 @@ def _footprint(stage_size: int, hr_size: int, window: int, downsample: int) -> F
     # Every nonzero weight must lie inside the footprint, or the fast paths would drop a contribution.
     assert torch.allclose(weights.sum(-1), rows.sum(-1)), "footprint lost weight"
     identity = size == window and bool(torch.equal(weights, torch.eye(window, dtype=torch.float64).expand_as(weights)))
-    return Footprint(weights=weights, start=start, size=size, identity=identity)
+    taps = weights.reshape(-1, size) != 0
+    cols = torch.arange(size).expand_as(taps)
+    band = int((torch.where(taps, cols, -1).amax(1) - torch.where(taps, cols, size).amin(1)).max()) + 1
+    pairs = tuple(weights[..., : size - d] * weights[..., d:] for d in range(band))
+    return Footprint(weights=weights, start=start, size=size, identity=identity, pairs=pairs)
 
 
 def footprints(spec: MiningSpec, global_view: bool) -> list[Footprint]:
