@@ -189,11 +189,11 @@ def _child(layout: str, path: str, dtype: str, batch: int, repeats: int, save: s
     fn = getattr(fe, path)
     first: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
-        row = time_calls(lambda: first.setdefault("out", fn(hr)), repeats, interval_s=0.001)
+        row = time_calls(lambda: first.setdefault("out", fn(hr)), repeats, interval_s=0.001, warmup=True)
     if save != "-":
         torch.save(first["out"].to(torch.float64 if dtype == "fp64" else torch.float32), save)
     return {"layout": layout, "path": path, "dtype": dtype, "batch": batch, "threads": torch.get_num_threads(),
-            "images_per_s": batch / row["median_s"], **row}
+            "images_per_s": batch / row["median_s"], "warmup": True, **row}
 
 
 def _rel_error(path: Path, ref: torch.Tensor) -> float:

@@ -49,13 +49,16 @@ class PeakRSS:
         return max(self.highest - self.before, 0.0)
 
 
-def time_calls(fn: Callable[[], object], repeats: int, interval_s: float = 0.0005) -> dict[str, Any]:
-    """``repeats`` timed calls of ``fn``; peak memory is the first call's (later calls reuse what it allocated)."""
+def time_calls(fn: Callable[[], object], repeats: int, interval_s: float = 0.0005,
+               warmup: bool = False) -> dict[str, Any]:
+    """``repeats`` timed calls of ``fn``; peak memory is the first call's (later calls reuse what it allocated).
+    warmup: the first call only measures memory and ``repeats`` calls follow it, so one-time costs (oneDNN's
+    primitive creation per shape, first-touch pages) stay out of the times."""
     with PeakRSS(interval_s) as peak:
         t0 = time.perf_counter()
         fn()
-        times = [time.perf_counter() - t0]
-    for _ in range(repeats - 1):
+        times = [] if warmup else [time.perf_counter() - t0]
+    for _ in range(repeats - len(times)):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)

@@ -200,7 +200,10 @@ def encoder_cpu_section(data: dict) -> str:
             "mining over the 2880-channel map; the official code loads the model in fp16, hence the fp16 row. **ours**: what the engine runs: vLLM's CLIPVisionModel with 23 layers "
             "and its CPU GEMM dispatch, the fused channels-last ConvNeXt blocks (engine/convnext.py), the folded "
             "mining (kernels). Median of "
-            f"{len(data['rows'][0]['times_s'])} runs; peak = resident memory above the level before the call (own "
+            f"{len(data['rows'][0]['times_s'])} runs"
+            + (" after a warm-up call (oneDNN builds its kernels per shape on the first)"
+               if data['rows'][0].get("warmup") else "")
+            + "; peak = resident memory above the level before the first call (own "
             "process per row); relative error = ||out - exact|| / ||exact|| of the batch-1 output against the same "
             "weights in float64. Batch > 1: images one engine step encodes together. `python -m bench.encoder`.\n\n"
             + markdown_table(["layout", "batch", "path", "dtype", "median (s)", "images/s", "vs official fp32",
