@@ -144,9 +144,11 @@ SAME_DTYPE_NOTE = (
     "Where the same-dtype ratio misses: in one dtype both paths run the same towers with the same arithmetic, so "
     "what ours can remove is the official path's own waste (the 24th CLIP layer, the 2880-channel map, the projection "
     "of every high-res candidate) plus timm's separate GELU, layer-scale, residual and permute passes. At HD that "
-    "waste is most of the official time; at 768 px the towers' matrix products, which both paths run at oneDNN's "
-    "speed, are most of ours, which caps the ratio near 2x on this CPU. Against the official code as it ships (fp16) "
-    "and against fp32, the CPU's only other precision, the target holds at both sizes.")
+    "waste is most of the official time; the towers' matrix products, which both paths run at oneDNN's speed, are "
+    "most of ours (ConvNeXt's 1x1 convolutions and CLIP's linears and attention: ~90 % of our time at 768 px on an "
+    "AVX-512 CPU without AMX), so the ratio is capped by how fast the CPU multiplies bf16 matrices: 2.0-2.5x at 768 px "
+    "and 3.6x at HD on an AMX Xeon (earlier runs), lower with AVX-512 bf16 alone. Against the official code as it ships (fp16) "
+    "and against fp32, the CPU's other precision, the target holds at both sizes.")
 
 
 def encoder_cpu_section(data: dict) -> str:
