@@ -43,7 +43,7 @@ class PairMaps:
         B, H, W, C = stage.shape  # channels-last view
         self.index = {o: k for k, o in enumerate(_offsets(band))}
         self.maps = torch.zeros(len(self.index) + 1, B, H, W, dtype=dtype, device=stage.device)
-        rows = max(1, CHUNK_BYTES // (2 * B * W * C * torch.finfo(dtype).bits // 8))
+        rows = max(1, CHUNK_BYTES // (2 * B * W * C * dtype.itemsize))
         for r0 in range(0, H, rows):
             h = min(rows, H - r0)
             block = stage[:, r0:r0 + h + band - 1].to(dtype)  # the slab and the rows its offsets reach
@@ -93,7 +93,7 @@ def _mine_windows(stages: list[torch.Tensor], pair_maps: list[PairMaps], fps: li
               (fp.start.to(u.device)[col][:, None] + ar)[:, None, :])
         P = st[at].to(dt)  # (n, F, F, C_s)
         Q = pm.maps[(slice(None), *at)]  # (K + 1, n, F, F)
-        dots = (P.reshape(n, F_ * F_, C_s) @ u[:, off:off + C_s, None]).reshape(n, F_, F_)
+        dots = (P.flatten(1, 2) @ u[:, off:off + C_s, None]).view(n, F_, F_)
         if fp.identity:
             Ry = Rx = None
             logit += dots
@@ -118,7 +118,7 @@ def _mine_windows(stages: list[torch.Tensor], pair_maps: list[PairMaps], fps: li
     aggs = []
     for P, (Ry, Rx) in zip(patches, resample):
         omega = w if Ry is None else Ry.mT @ w @ Rx  # (n, F, F): weights pushed to stage pixels
-        aggs.append((omega.reshape(n, 1, -1) @ P.reshape(n, omega[0].numel(), -1)).squeeze(1))
+        aggs.append((omega.flatten(1)[:, None] @ P.flatten(1, 2)).squeeze(1))
     return torch.cat(aggs, -1), shift
 
 
@@ -137,7 +137,7 @@ def mine_torch(lr_feats: torch.Tensor, hr_stages: list[torch.Tensor], weights: d
     bands = [max(len(fps[s].pairs) for _, fps in sets) for s in range(len(stages))]
     pair_maps = [PairMaps(st, band, dt) for st, band in zip(stages, bands)]
     for ws, fps in sets:
-        step = _chunk_windows(spec, fps, torch.finfo(dt).bits // 8)
+        step = _chunk_windows(spec, fps, dt.itemsize)
         for i in range(0, ws.token.shape[0], step):
             sl = slice(i, i + step)
             agg[ws.token[sl]], shift[ws.token[sl]] = _mine_windows(stages, pair_maps, fps, u, usum, ws, sl, spec)
